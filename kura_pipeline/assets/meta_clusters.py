@@ -1,0 +1,69 @@
+import asyncio
+
+import polars as pl
+from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
+
+from kura_pipeline.core.frames import (
+    clusters_to_frame,
+    frame_to_clusters,
+    frame_to_embeddings,
+    frame_to_summaries,
+)
+from kura_pipeline.core.hierarchy import build_hierarchy, plan_level_clio, plan_level_offline
+from kura_pipeline.core.render.tree import render_markdown_tree
+from kura_pipeline.partitions import datasets_partitions
+from kura_pipeline.resources.llm import LLMResource
+
+
+class MetaClustersConfig(Config):
+    max_top_clusters: int = 10
+    branching_factor: float = 4.0
+    seed: int = 0
+
+
+@asset(partitions_def=datasets_partitions, group_name="kura", kinds={"polars", "parquet"})
+def meta_clusters(
+    context: AssetExecutionContext,
+    config: MetaClustersConfig,
+    base_clusters: pl.DataFrame,
+    summary_embeddings: pl.DataFrame,
+    conversation_summaries: pl.DataFrame,
+    llm: LLMResource,
+) -> Output:
+    """The whole hierarchy, every level in one table (level 0 = base clusters, parents above,
+    `parent_id` linking them), built until the top level has at most `max_top_clusters`."""
+    chat_ids, embeddings = frame_to_embeddings(summary_embeddings)
+    embedding_of = dict(zip(chat_ids, embeddings, strict=True))
+    stats: dict[str, int] = {}
+    if llm.is_offline:
+        summary_of = {s.chat_id: s.summary for s in frame_to_summaries(conversation_summaries)}
+        plan = plan_level_offline(summary_of)
+    else:
+        client = llm.client(log=context.log.info)
+
+        def plan(children, centroids, target):  # type: ignore[no-untyped-def]
+            return asyncio.run(plan_level_clio(client, children, centroids, target, seed=config.seed))
+
+    clusters, plans = build_hierarchy(
+        frame_to_clusters(base_clusters),
+        embedding_of,
+        plan,
+        max_top_clusters=config.max_top_clusters,
+        branching_factor=config.branching_factor,
+    )
+    if not llm.is_offline:
+        stats = client.stats.as_metadata()
+    levels = max(c.level for c in clusters) + 1 if clusters else 0
+    return Output(
+        clusters_to_frame(clusters),
+        metadata={
+            "backend": llm.label,
+            "levels": levels,
+            "clusters_per_level": MetadataValue.json(
+                {str(level): sum(1 for c in clusters if c.level == level) for level in range(levels)}
+            ),
+            "assignment_fallbacks": sum(p.fallbacks for p in plans),
+            "tree": MetadataValue.md(render_markdown_tree(clusters)),
+            **stats,
+        },
+    )

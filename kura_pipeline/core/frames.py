@@ -1,0 +1,145 @@
+"""Each stage's table: pydantic models to polars frames and back, with fixed schemas.
+
+Fixed schemas keep an empty stage readable and let polars, DuckDB and Arrow users rely on
+column types. Nested fields stay nested (messages are a list of structs); metadata, whose values
+mix types, is kept as JSON text.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+
+from kura_pipeline.core.models import Cluster, Conversation, ConversationSummary, ExtractedProperty
+
+TIMESTAMP = pl.Datetime("us", "UTC")
+
+CONVERSATIONS_SCHEMA = {
+    "chat_id": pl.String,
+    "created_at": TIMESTAMP,
+    "messages": pl.List(pl.Struct({"role": pl.String, "content": pl.String, "created_at": TIMESTAMP})),
+    "metadata": pl.String,
+}
+SUMMARIES_SCHEMA = {
+    "chat_id": pl.String,
+    "summary": pl.String,
+    "request": pl.String,
+    "topic": pl.String,
+    "languages": pl.List(pl.String),
+    "task": pl.String,
+    "concerning_score": pl.Int8,
+    "user_frustration": pl.Int8,
+    "assistant_errors": pl.List(pl.String),
+    "metadata": pl.String,
+    "failure_reason": pl.String,
+}
+PROPERTIES_SCHEMA = {"chat_id": pl.String, "name": pl.String, "value": pl.String, "type": pl.String}
+CLUSTERS_SCHEMA = {
+    "id": pl.String,
+    "name": pl.String,
+    "description": pl.String,
+    "slug": pl.String,
+    "chat_ids": pl.List(pl.String),
+    "parent_id": pl.String,
+    "level": pl.Int16,
+    "count": pl.Int64,
+}
+PROJECTIONS_SCHEMA = {
+    "kind": pl.String,  # "conversation" or "cluster"
+    "id": pl.String,
+    "x": pl.Float32,
+    "y": pl.Float32,
+    "level": pl.Int16,  # the cluster's level; null for conversations
+    "cluster_ids": pl.List(pl.String),  # a conversation's clusters, base level first
+}
+
+
+def conversations_to_frame(conversations: list[Conversation]) -> pl.DataFrame:
+    rows = [
+        {
+            "chat_id": c.chat_id,
+            "created_at": c.created_at,
+            "messages": [m.model_dump() for m in c.messages],
+            "metadata": json.dumps(c.metadata, ensure_ascii=False, sort_keys=True),
+        }
+        for c in conversations
+    ]
+    return pl.DataFrame(rows, schema=CONVERSATIONS_SCHEMA)
+
+
+def frame_to_conversations(frame: pl.DataFrame) -> list[Conversation]:
+    return [
+        Conversation(
+            chat_id=row["chat_id"],
+            created_at=row["created_at"],
+            messages=row["messages"],
+            metadata=json.loads(row["metadata"] or "{}"),
+        )
+        for row in frame.iter_rows(named=True)
+    ]
+
+
+def summaries_to_frame(
+    summaries: list[ConversationSummary], failures: dict[str, str] | None = None
+) -> pl.DataFrame:
+    rows = [
+        {
+            **s.model_dump(),
+            "metadata": json.dumps(s.metadata, ensure_ascii=False, sort_keys=True),
+            "failure_reason": None,
+        }
+        for s in summaries
+    ]
+    rows += [{"chat_id": chat, "failure_reason": reason} for chat, reason in (failures or {}).items()]
+    return pl.DataFrame(rows, schema=SUMMARIES_SCHEMA).sort("chat_id")
+
+
+def frame_to_summaries(frame: pl.DataFrame) -> list[ConversationSummary]:
+    """The successful summaries; failed rows (with a failure_reason) are left out."""
+    ok = frame.filter(pl.col("failure_reason").is_null()).drop("failure_reason")
+    return [
+        ConversationSummary(**{**row, "metadata": json.loads(row["metadata"] or "{}")})
+        for row in ok.iter_rows(named=True)
+    ]
+
+
+def properties_to_frame(rows: list[tuple[str, ExtractedProperty]]) -> pl.DataFrame:
+    return pl.DataFrame(
+        [
+            {
+                "chat_id": chat,
+                "name": p.name,
+                "value": None if p.value is None else str(p.value),
+                "type": type(p.value).__name__,
+            }
+            for chat, p in rows
+        ],
+        schema=PROPERTIES_SCHEMA,
+    )
+
+
+def embeddings_to_frame(chat_ids: list[str], embeddings: np.ndarray) -> pl.DataFrame:
+    dims = embeddings.shape[1] if embeddings.ndim == 2 else 0
+    return pl.DataFrame(
+        {
+            "chat_id": pl.Series(chat_ids, dtype=pl.String),
+            "embedding": pl.Series(embeddings.astype(np.float32), dtype=pl.Array(pl.Float32, dims)),
+        }
+    )
+
+
+def frame_to_embeddings(frame: pl.DataFrame) -> tuple[list[str], np.ndarray]:
+    chat_ids = frame["chat_id"].to_list()
+    if frame.height == 0:
+        return chat_ids, np.zeros((0, 0), dtype=np.float32)
+    return chat_ids, frame["embedding"].to_numpy().astype(np.float32)
+
+
+def clusters_to_frame(clusters: list[Cluster]) -> pl.DataFrame:
+    return pl.DataFrame([{**c.model_dump(), "count": c.count} for c in clusters], schema=CLUSTERS_SCHEMA)
+
+
+def frame_to_clusters(frame: pl.DataFrame) -> list[Cluster]:
+    return [Cluster(**row) for row in frame.drop("count").iter_rows(named=True)]

@@ -1,0 +1,88 @@
+"""The data models every stage shares, with field names compatible with Kura's."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+# Kura allows metadata values that are scalars or lists of scalars.
+Scalar = str | int | float | bool | None
+MetadataValue = Scalar | list[Scalar]
+Metadata = dict[str, MetadataValue]
+
+Role = Literal["user", "assistant"]
+
+
+def utc(value: datetime) -> datetime:
+    """Naive timestamps are taken as UTC; aware ones are converted to UTC."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+class Message(BaseModel):
+    role: Role
+    content: str
+    created_at: datetime | None = None
+
+    @field_validator("created_at")
+    @classmethod
+    def _to_utc(cls, value: datetime | None) -> datetime | None:
+        return None if value is None else utc(value)
+
+
+class Conversation(BaseModel):
+    chat_id: str = Field(min_length=1)
+    created_at: datetime
+    messages: list[Message]
+    metadata: Metadata = Field(default_factory=dict)
+
+    @field_validator("created_at")
+    @classmethod
+    def _to_utc(cls, value: datetime) -> datetime:
+        return utc(value)
+
+
+class ConversationSummary(BaseModel):
+    """Clio's facets for one conversation (no PII, no proper nouns)."""
+
+    chat_id: str
+    summary: str
+    request: str | None = None
+    topic: str | None = None
+    languages: list[str] = Field(default_factory=list)
+    task: str | None = None
+    concerning_score: int | None = Field(default=None, ge=1, le=5)
+    user_frustration: int | None = Field(default=None, ge=1, le=5)
+    assistant_errors: list[str] = Field(default_factory=list)
+    metadata: Metadata = Field(default_factory=dict)
+
+
+class ExtractedProperty(BaseModel):
+    name: str
+    value: Scalar
+
+
+class Cluster(BaseModel):
+    id: str
+    name: str
+    description: str
+    slug: str
+    chat_ids: list[str]
+    parent_id: str | None = None
+    level: int = 0
+
+    @property
+    def count(self) -> int:
+        return len(self.chat_ids)
+
+
+class ProjectedConversation(BaseModel):
+    """A conversation's place on the 2-D map and its cluster at each level (0 = base)."""
+
+    chat_id: str
+    x: float
+    y: float
+    cluster_ids: list[str]

@@ -1,0 +1,70 @@
+"""The one Definitions: assets, resources, jobs and sensors. workspace.yaml points here.
+
+Configuration comes from the environment in this one place (see the README):
+KURA_DATA_DIR (where Parquet goes; a local folder or an fsspec URL), KURA_DATASETS (the
+registry file), KURA_LLM_BASE_URL / KURA_LLM_MODEL / OPENAI_API_KEY (switch the LLM on),
+KURA_EMBEDDINGS_MODEL (with an endpoint, embed there too).
+"""
+
+from __future__ import annotations
+
+import os
+
+from dagster import AssetSelection, Definitions, EnvVar, define_asset_job
+
+from kura_pipeline.assets import ALL_ASSETS
+from kura_pipeline.partitions import datasets_partitions
+from kura_pipeline.resources.embedder import EmbedderResource
+from kura_pipeline.resources.io_manager import ParquetIOManager
+from kura_pipeline.resources.llm import LLMResource
+from kura_pipeline.resources.registry import DEFAULT_REGISTRY, DatasetRegistry
+from kura_pipeline.sensors import dataset_registry_sensor
+
+kura_job = define_asset_job(
+    "kura_pipeline",
+    selection=AssetSelection.all(),
+    partitions_def=datasets_partitions,
+    description="All seven stages for one dataset: conversations to a browsable hierarchy.",
+)
+
+
+def _secret(name: str) -> str | EnvVar | None:
+    # EnvVar keeps the value out of the run config shown in the UI and the logs.
+    return EnvVar(name) if os.getenv(name) else None
+
+
+def build_resources() -> dict[str, object]:
+    llm_model = os.getenv("KURA_LLM_MODEL")
+    llm_base_url = os.getenv("KURA_LLM_BASE_URL")
+    use_llm = bool(llm_model or llm_base_url)
+    embeddings_model = os.getenv("KURA_EMBEDDINGS_MODEL")
+    return {
+        "io_manager": ParquetIOManager(base_path=os.getenv("KURA_DATA_DIR", "data")),
+        "registry": DatasetRegistry(path=os.getenv("KURA_DATASETS", DEFAULT_REGISTRY)),
+        "llm": LLMResource(
+            backend="openai" if use_llm else "offline",
+            base_url=llm_base_url,
+            model=llm_model or "gpt-4o-mini",
+            api_key=_secret("OPENAI_API_KEY"),
+            max_concurrency=int(os.getenv("KURA_LLM_MAX_CONCURRENCY", "8")),
+            cache_path=os.getenv("KURA_LLM_CACHE", ".kura_cache/llm_responses.sqlite3"),
+        ),
+        "embedder": (
+            EmbedderResource(
+                backend="openai",
+                model=embeddings_model,
+                base_url=os.getenv("KURA_EMBEDDINGS_BASE_URL", llm_base_url),
+                api_key=_secret("OPENAI_API_KEY"),
+            )
+            if embeddings_model
+            else EmbedderResource()
+        ),
+    }
+
+
+defs = Definitions(
+    assets=ALL_ASSETS,
+    jobs=[kura_job],
+    sensors=[dataset_registry_sensor],
+    resources=build_resources(),
+)

@@ -1,0 +1,194 @@
+"""Base clusters, naming and the hierarchy, on data whose right answer is known."""
+
+import numpy as np
+import pytest
+
+from kura_pipeline.core.cluster import (
+    base_cluster_groups,
+    choose_k,
+    cluster_id,
+    kmeans_labels,
+    nearest_outsiders,
+    slugify,
+)
+from kura_pipeline.core.hierarchy import build_hierarchy, level_target, match_name, plan_level_offline
+from kura_pipeline.core.models import Cluster
+from kura_pipeline.core.naming import distinctive_terms, offline_labels
+from kura_pipeline.core.project import cluster_path_per_conversation, project_2d
+from kura_pipeline.core.render.tree import render_markdown_tree, render_tree
+
+
+def blobs(n_groups: int, per_group: int, dims: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Unit vectors in tight, well-separated groups; returns (embeddings, true group)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_groups, dims))
+    points = np.concatenate([c + 0.05 * rng.normal(size=(per_group, dims)) for c in centres])
+    points /= np.linalg.norm(points, axis=1, keepdims=True)
+    return points.astype(np.float32), np.repeat(np.arange(n_groups), per_group)
+
+
+@pytest.mark.parametrize(
+    ("n", "per_cluster", "cap", "expected"),
+    [
+        (0, 10, None, 0),
+        (1, 10, None, 1),
+        (95, 10, None, 10),
+        (300, 10, None, 30),
+        (300, 10, 12, 12),
+        (5, 1, None, 5),
+    ],
+)
+def test_choose_k_follows_kuras_rule(n, per_cluster, cap, expected):
+    assert choose_k(n, per_cluster, cap) == expected
+
+
+def test_kmeans_recovers_separated_groups_and_numbers_them_by_size():
+    embeddings, truth = blobs(4, 10)
+    extra, _ = blobs(1, 5, seed=3)  # make one group bigger so size order is defined
+    embeddings = np.concatenate([embeddings, extra + 0])
+    labels = kmeans_labels(embeddings, 5, seed=0)
+    # Every true group lands in exactly one cluster.
+    for group in range(4):
+        assert len(set(labels[:40][truth == group])) == 1
+    sizes = np.bincount(labels)
+    assert list(sizes) == sorted(sizes, reverse=True)
+
+
+def test_cluster_ids_depend_on_members_only():
+    assert cluster_id(0, ["b", "a"]) == cluster_id(0, ["a", "b"])
+    assert cluster_id(0, ["a", "b"]) != cluster_id(1, ["a", "b"])
+    assert cluster_id(0, ["a"]) != cluster_id(0, ["a", "b"])
+
+
+def test_slugs_are_unique_and_url_safe():
+    taken: set[str] = set()
+    assert slugify("Debug Python code!", taken) == "debug_python_code"
+    assert slugify("Debug python code", taken) == "debug_python_code_2"
+    assert slugify("???", taken) == "cluster"
+
+
+def test_nearest_outsiders_are_outside_and_closest():
+    embeddings, truth = blobs(3, 6)
+    mask = truth == 0
+    centre = embeddings[mask].mean(axis=0)
+    centre /= np.linalg.norm(centre)
+    picked = nearest_outsiders(embeddings, mask, centre, limit=4)
+    assert not mask[picked].any()
+    similarities = embeddings[~mask] @ centre
+    assert np.isclose(embeddings[picked[0]] @ centre, similarities.max())
+
+
+def test_base_cluster_groups_give_samples_inside_and_contrast_outside():
+    embeddings, _ = blobs(3, 40)
+    members, inside, outside = base_cluster_groups(embeddings, 3, inside_limit=10, outside_limit=5)
+    assert sorted(len(m) for m in members) == [40, 40, 40]
+    for rows, sample, contrast in zip(members, inside, outside, strict=True):
+        assert len(sample) == 10 and set(sample) <= set(rows)
+        assert len(contrast) == 5 and not set(contrast) & set(rows)
+
+
+def test_distinctive_terms_name_what_sets_a_group_apart():
+    groups = [
+        ["The user asked: fix a python KeyError", "The user asked: python traceback in a loop"],
+        ["The user asked: a lasagna recipe", "The user asked: recipe for pancakes"],
+    ]
+    terms = distinctive_terms(groups)
+    assert "python" in terms[0] and "recipe" in terms[1]
+    assert "user" not in terms[0] + terms[1] and "asked" not in terms[0] + terms[1]
+    labels = offline_labels(groups)
+    assert "python" in labels[0].name.lower() and "without an LLM" in labels[0].description
+
+
+def test_match_name_tolerates_case_and_small_typos():
+    names = ["Debug software", "Cook meals", "Plan travel"]
+    assert match_name("cook meals", names) == 1
+    assert match_name("Plan  travel.", names) == 2
+    assert match_name("Write poetry about the moon", names) is None
+
+
+def _base_clusters(
+    embeddings: np.ndarray, k: int
+) -> tuple[list[Cluster], dict[str, np.ndarray], dict[str, str]]:
+    chat_ids = [f"c{i}" for i in range(len(embeddings))]
+    members, _, _ = base_cluster_groups(embeddings, k)
+    clusters = [
+        Cluster(
+            id=cluster_id(0, [chat_ids[r] for r in rows]),
+            name=f"base {i}",
+            description="d",
+            slug=f"base_{i}",
+            chat_ids=[chat_ids[r] for r in rows],
+            level=0,
+        )
+        for i, rows in enumerate(members)
+    ]
+    documents = {chat: f"The user asked about topic{i % 7}" for i, chat in enumerate(chat_ids)}
+    return clusters, dict(zip(chat_ids, embeddings, strict=True)), documents
+
+
+def test_offline_hierarchy_shrinks_until_the_top_is_small():
+    embeddings, truth = blobs(6, 40)  # 6 true groups; 48 base clusters of ~5
+    base, embedding_of, documents = _base_clusters(embeddings, 48)
+    everything, plans = build_hierarchy(
+        base, embedding_of, plan_level_offline(documents), max_top_clusters=6, branching_factor=3
+    )
+    by_id = {c.id: c for c in everything}
+    top = [c for c in everything if c.parent_id is None]
+    assert len(top) <= 6
+    assert len(plans) >= 2  # 48 -> 16 -> 6
+    # Every base cluster reaches a top cluster; parents hold exactly their children's conversations.
+    for cluster in everything:
+        children = [c for c in everything if c.parent_id == cluster.id]
+        if children:
+            assert sorted(x for c in children for x in c.chat_ids) == sorted(cluster.chat_ids)
+            assert all(c.level == cluster.level - 1 for c in children)
+    assert sum(c.count for c in top) == 240
+    # The known groups are not torn apart at the top: each true group sits in one top cluster.
+    chat_to_top = {}
+    for chat, path in cluster_path_per_conversation(everything).items():
+        chat_to_top[chat] = path[-1]
+        assert by_id[path[-1]].parent_id is None
+    for group in range(6):
+        tops = {chat_to_top[f"c{i}"] for i in np.flatnonzero(truth == group)}
+        assert len(tops) == 1
+
+
+def test_no_hierarchy_needed_when_base_is_already_small():
+    embeddings, _ = blobs(3, 5)
+    base, embedding_of, documents = _base_clusters(embeddings, 3)
+    everything, plans = build_hierarchy(
+        base, embedding_of, plan_level_offline(documents), max_top_clusters=10
+    )
+    assert plans == [] and all(c.parent_id is None for c in everything)
+
+
+def test_level_target_shrinks_geometrically_but_not_below_the_top_size():
+    assert level_target(400, 10, 4) == 100
+    assert level_target(30, 10, 4) == 10
+    assert level_target(11, 10, 4) == 10
+
+
+def test_projection_gives_finite_points_for_every_size():
+    for n in (0, 1, 3, 9, 40):
+        embeddings, _ = blobs(2, max(n, 1))
+        coords = project_2d(embeddings[:n], seed=0)
+        assert coords.shape == (n, 2) and np.isfinite(coords).all()
+
+
+def test_tree_shows_sizes_shares_and_nesting():
+    child_a = Cluster(
+        id="a", name="Fix Python errors", description="x", slug="a", chat_ids=["1", "2", "3"], parent_id="p"
+    )
+    child_b = Cluster(id="b", name="Write SQL", description="y", slug="b", chat_ids=["4"], parent_id="p")
+    parent = Cluster(
+        id="p", name="Help with code", description="z", slug="p", chat_ids=["1", "2", "3", "4"], level=1
+    )
+    other = Cluster(id="o", name="Cook dinner", description="w", slug="o", chat_ids=["5"], level=1)
+    text = render_tree([child_b, other, parent, child_a])
+    lines = text.splitlines()
+    assert lines[0] == "Clusters (5 conversations)"
+    assert lines[1].startswith("╠══ Help with code (4 conversations, 80.0%)")
+    assert lines[2].endswith("Fix Python errors (3 conversations, 60.0%)")  # biggest child first
+    assert "Write SQL" in lines[3] and lines[4].startswith("╚══ Cook dinner")
+    markdown = render_markdown_tree([child_b, other, parent, child_a])
+    assert markdown.splitlines()[1] == "  - **Fix Python errors** — 3 (60.0%)"

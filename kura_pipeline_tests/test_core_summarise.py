@@ -1,0 +1,84 @@
+from kura_pipeline.core.models import Conversation, Message
+from kura_pipeline.core.privacy import scrub_pii
+from kura_pipeline.core.prompts import SUMMARY_PROMPT, format_conversation, truncate_middle
+from kura_pipeline.core.summarise import detect_languages, summarise_all_offline, summarise_offline
+
+
+def _conversation(*turns: tuple[str, str]) -> Conversation:
+    return Conversation(
+        chat_id="c1",
+        created_at="2026-01-01T00:00:00Z",
+        messages=[Message(role=role, content=text) for role, text in turns],  # type: ignore[arg-type]
+        metadata={"model": "m"},
+    )
+
+
+def test_offline_summary_uses_the_users_own_words_and_judges_nothing():
+    conversation = _conversation(
+        ("user", "How do I reverse a list in Python? I tried reversed() but got an iterator."),
+        ("assistant", "Use list(reversed(x)) or x[::-1]."),
+        ("user", "Thanks, and for a string?"),
+    )
+    summary, _ = summarise_offline(conversation)
+    assert "reverse a list in Python" in summary.summary
+    assert summary.request.startswith("How do I reverse a list")
+    assert "2 user turns" in summary.summary
+    # Facets that need judgement are left empty, not invented.
+    assert summary.concerning_score is None and summary.user_frustration is None and summary.task is None
+    assert summary.metadata == {"model": "m"}
+
+
+def test_offline_summary_scrubs_pii_and_counts_it():
+    conversation = _conversation(
+        ("user", "Email jane.doe@example.com or call +1 415 555 0199 about https://example.com/u/jane"),
+    )
+    run = summarise_all_offline([conversation])
+    text = run.summaries[0].summary
+    assert "jane.doe@example.com" not in text and "555 0199" not in text and "example.com/u" not in text
+    assert run.pii_scrubbed["email"] == 1 and run.pii_scrubbed["phone"] == 1 and run.pii_scrubbed["url"] == 1
+
+
+def test_scrub_leaves_ordinary_numbers_and_text_alone():
+    text, counts = scrub_pii("I have 3 cats and 2024 was a good year; version 1.2 works.")
+    assert text == "I have 3 cats and 2024 was a good year; version 1.2 works."
+    assert not counts
+
+
+def test_scrub_finds_cards_and_ip_addresses():
+    text, counts = scrub_pii("card 4111 1111 1111 1111 from host 192.168.10.24")
+    assert "4111" not in text and "192.168" not in text
+    assert counts["card_number"] == 1 and counts["ip_address"] == 1
+
+
+def test_languages_from_words_and_code_fences():
+    english = _conversation(
+        ("user", "What is the best way to sort this and how can you help?\n```python\nx=1\n```")
+    )
+    spanish = _conversation(("user", "¿Cómo puedo hacer que la función devuelva una lista para los datos?"))
+    chinese = _conversation(("user", "请帮我写一个排序算法的例子，谢谢你的帮助"))
+    assert detect_languages(english) == ["english", "python"]
+    assert detect_languages(spanish) == ["spanish"]
+    assert detect_languages(chinese) == ["chinese"]
+
+
+def test_long_conversations_keep_start_and_end_within_budget():
+    text = "START " + "x" * 50_000 + " END"
+    cut = truncate_middle(text, 1200)
+    assert cut.startswith("START") and cut.endswith("END")
+    assert "characters omitted" in cut
+    assert len(cut) < 1300
+    conversation = _conversation(("user", "START " + "y" * 30_000), ("assistant", "the final answer END"))
+    transcript = format_conversation(conversation, char_budget=2000)
+    assert len(transcript) < 2100 and "START" in transcript and "final answer END" in transcript
+
+
+def test_summary_prompt_has_a_version_and_embeds_the_transcript():
+    messages = SUMMARY_PROMPT.messages(transcript="<user>hi</user>")
+    assert SUMMARY_PROMPT.key == f"conversation_summary@{SUMMARY_PROMPT.version}"
+    assert messages[0]["role"] == "system" and "<user>hi</user>" in messages[1]["content"]
+
+
+def test_scrub_removes_tokens_and_keys_but_not_words():
+    text, counts = scrub_pii("use key sk-proj-tddqlekcpmhfjpxz8svmp34beawxkint62odnj with internationalization")
+    assert "tddqlek" not in text and "internationalization" in text
+    assert counts["token"] == 1
