@@ -30,7 +30,6 @@ def extracted_properties(
             frame_to_conversations(raw_conversations),
             extractors,
             clients=clients,
-            semaphores={name: client.semaphore for name, client in clients.items()},
         )
     )
     for failure in run.failures[:20]:

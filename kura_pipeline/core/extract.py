@@ -7,6 +7,7 @@ Plain-code extractors may be ordinary functions; LLM extractors are `async def`.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import inspect
 import json
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from kura_pipeline.core.llm import LLMClient
 from kura_pipeline.core.models import Conversation, ExtractedProperty
 
 Extractor = Callable[..., Any]
@@ -81,24 +83,35 @@ class ExtractionRun:
 async def extract_properties(
     conversations: list[Conversation],
     extractors: dict[str, Extractor],
-    clients: dict[str, Any] | None = None,
-    semaphores: dict[str, Any] | None = None,
+    clients: dict[str, LLMClient] | None = None,
 ) -> ExtractionRun:
-    """Run every extractor on every conversation; a failing extractor is reported, not fatal."""
+    """Run every extractor on every conversation, concurrently (LLM extractors bound themselves
+    with the semaphores they are given); a failing extractor is reported, not fatal."""
+    clients = clients or {}
+    semaphores = {name: client.semaphore for name, client in clients.items()}
+
+    async def one(conversation: Conversation, name: str, extractor: Extractor) -> Any:
+        try:
+            result = extractor(conversation, clients=clients, semaphores=semaphores)
+            return await result if inspect.isawaitable(result) else result
+        except Exception as error:  # noqa: BLE001 - one bad extractor must not sink the stage
+            return ExtractorFailure(f"{name} on {conversation.chat_id}: {type(error).__name__}: {error}")
+
+    jobs = [(c, one(c, name, fn)) for c in conversations for name, fn in extractors.items()]
+    results = await asyncio.gather(*(job for _, job in jobs))
     run = ExtractionRun()
     for conversation in conversations:
-        for prop in metadata_properties(conversation):
-            run.rows.append((conversation.chat_id, prop))
-        for name, extractor in extractors.items():
-            try:
-                result = extractor(conversation, clients=clients or {}, semaphores=semaphores or {})
-                if inspect.isawaitable(result):
-                    result = await result
-            except Exception as error:  # noqa: BLE001 - one bad extractor must not sink the stage
-                run.failures.append(f"{name} on {conversation.chat_id}: {type(error).__name__}: {error}")
-                continue
-            if result is None:
-                continue
-            for prop in result if isinstance(result, list) else [result]:
-                run.rows.append((conversation.chat_id, prop))
+        run.rows.extend((conversation.chat_id, prop) for prop in metadata_properties(conversation))
+    for (conversation, _), result in zip(jobs, results, strict=True):
+        if isinstance(result, ExtractorFailure):
+            run.failures.append(result.reason)
+        elif result is not None:
+            run.rows.extend(
+                (conversation.chat_id, prop) for prop in (result if isinstance(result, list) else [result])
+            )
     return run
+
+
+@dataclass(frozen=True)
+class ExtractorFailure:
+    reason: str

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import instructor
 import openai
 from aiolimiter import AsyncLimiter
+from instructor.core import InstructorRetryException
 from pydantic import BaseModel, ValidationError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
@@ -83,7 +84,7 @@ class RetryableReply(Exception):
 
 def _root_cause(error: BaseException) -> BaseException:
     # instructor wraps whatever went wrong in InstructorRetryException "from" the real error.
-    while isinstance(error, instructor.core.InstructorRetryException) and error.__cause__:
+    while isinstance(error, InstructorRetryException) and error.__cause__:
         error = error.__cause__
     return error
 
