@@ -1,0 +1,82 @@
+"""Read conversation data from files into `Conversation` models.
+
+Every loader returns a LoadResult: the conversations plus a SkippedRecord for each
+record it could not use (the file, which record, why). Nothing is dropped silently.
+
+- Whole-file problems (missing file, not JSON, wrong top-level shape, a syntax error
+  in the middle of a JSON list) raise LoaderError naming the file and position.
+- A file that ends mid-record keeps every complete record and reports the tail as one
+  SkippedRecord. In JSON Lines each unparseable line is one SkippedRecord.
+- A bad record (missing fields, wrong types, unparseable timestamp, unknown role, no
+  user/assistant message with text) is one SkippedRecord; its neighbours load normally.
+
+Cleaning applied everywhere: roles map to "user"/"assistant" (human/prompter ->
+user; gpt/chatgpt/bing/bard/model -> assistant); system/developer/tool/function
+messages, blank texts and non-text content are dropped and counted in
+metadata["dropped_messages"] (present only when non-zero); \\r\\n becomes \\n and other
+C0 control characters except \\t are removed; timestamps (ISO 8601 with or without
+zone, unix seconds) become UTC. Files are decoded as UTF-8 with invalid bytes replaced.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from kura_pipeline.core.loaders._base import (
+    PLACEHOLDER_CREATED_AT,
+    LoaderError,
+    LoadResult,
+    SkippedRecord,
+)
+from kura_pipeline.core.loaders.chatgpt import load_chatgpt_export
+from kura_pipeline.core.loaders.claude import load_claude_export
+from kura_pipeline.core.loaders.dedup import deduplicate
+from kura_pipeline.core.loaders.generic import load_jsonl, load_parquet
+from kura_pipeline.core.loaders.huggingface import load_hf_dataset
+from kura_pipeline.core.loaders.sharegpt import load_sharegpt, load_sharegpt_package
+
+LOADERS: dict[str, Callable[..., LoadResult]] = {
+    "claude": load_claude_export,
+    "chatgpt": load_chatgpt_export,
+    "sharegpt": load_sharegpt,
+    "sharegpt_package": load_sharegpt_package,
+    "jsonl": load_jsonl,
+    "parquet": load_parquet,
+    "huggingface": load_hf_dataset,
+}
+
+
+def load(loader: str, **options: Any) -> LoadResult:
+    """Run the loader named `loader` with `options`, then de-duplicate by chat_id."""
+    try:
+        load_function = LOADERS[loader]
+    except KeyError:
+        raise LoaderError(f"unknown loader {loader!r}; known loaders: {', '.join(LOADERS)}") from None
+    try:
+        inspect.signature(load_function).bind(**options)
+    except TypeError as error:
+        raise LoaderError(f"loader {loader!r}: bad options: {error}") from None
+    loaded = load_function(**options)
+    source = str(options.get("data_files") or options.get("path") or loader)
+    deduplicated = deduplicate(loaded.conversations, source)
+    return LoadResult(deduplicated.conversations, loaded.skipped + deduplicated.skipped)
+
+
+__all__ = [
+    "LOADERS",
+    "PLACEHOLDER_CREATED_AT",
+    "LoadResult",
+    "LoaderError",
+    "SkippedRecord",
+    "deduplicate",
+    "load",
+    "load_chatgpt_export",
+    "load_claude_export",
+    "load_hf_dataset",
+    "load_jsonl",
+    "load_parquet",
+    "load_sharegpt",
+    "load_sharegpt_package",
+]
