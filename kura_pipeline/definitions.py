@@ -3,7 +3,8 @@
 Configuration comes from the environment in this one place (see the README):
 KURA_DATA_DIR (where Parquet goes; a local folder or an fsspec URL), KURA_DATASETS (the
 registry file), KURA_LLM_BASE_URL / KURA_LLM_MODEL / OPENAI_API_KEY (switch the LLM on),
-KURA_EMBEDDINGS_MODEL (with an endpoint, embed there too).
+KURA_LLM_LOCAL_MODEL (a local GGUF through llama.cpp instead), KURA_EMBEDDINGS_MODEL (with an
+endpoint, embed there too).
 """
 
 from __future__ import annotations
@@ -36,18 +37,20 @@ def _secret(name: str) -> str | EnvVar | None:
 def build_resources() -> dict[str, object]:
     llm_model = os.getenv("KURA_LLM_MODEL")
     llm_base_url = os.getenv("KURA_LLM_BASE_URL")
-    use_llm = bool(llm_model or llm_base_url)
+    local_model = os.getenv("KURA_LLM_LOCAL_MODEL")
+    backend = "local" if local_model else "openai" if (llm_model or llm_base_url) else "offline"
     embeddings_model = os.getenv("KURA_EMBEDDINGS_MODEL")
     return {
         "io_manager": ParquetIOManager(base_path=os.getenv("KURA_DATA_DIR", "data")),
         "registry": DatasetRegistry(path=os.getenv("KURA_DATASETS", DEFAULT_REGISTRY)),
         "llm": LLMResource(
-            backend="openai" if use_llm else "offline",
+            backend=backend,
             base_url=llm_base_url,
             model=llm_model or "gpt-4o-mini",
             api_key=_secret("OPENAI_API_KEY"),
             max_concurrency=int(os.getenv("KURA_LLM_MAX_CONCURRENCY", "8")),
             cache_path=os.getenv("KURA_LLM_CACHE", ".kura_cache/llm_responses.sqlite3"),
+            local_model=local_model or "smollm2-135m",
         ),
         "embedder": (
             EmbedderResource(

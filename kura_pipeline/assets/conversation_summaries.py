@@ -21,7 +21,7 @@ def conversation_summaries(
         run = summarise_all_offline(conversations)
     else:
         client = llm.client(log=context.log.info)
-        run = asyncio.run(summarise_all_with_llm(conversations, client, llm.conversation_char_budget))
+        run = asyncio.run(summarise_all_with_llm(conversations, client, llm.char_budget))
         stats = client.stats.as_metadata()
     if run.failures:
         context.log.warning(f"{len(run.failures)} conversations could not be summarised")

@@ -7,8 +7,9 @@ version whenever its text or its response model changes, so stale answers are ne
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StringConstraints
 
 from kura_pipeline.core.models import Conversation
 
@@ -69,14 +70,14 @@ class SummaryResponse(BaseModel):
     )
     request: str = Field(max_length=400, description="The user's overall request, one sentence.")
     task: str = Field(max_length=300, description="The task the assistant performs, one sentence.")
-    languages: list[str] = Field(
+    languages: list[Annotated[str, StringConstraints(max_length=30)]] = Field(
         max_length=6,
         description="Human and programming languages present, lower-case full names "
         "(e.g. 'english', 'python').",
     )
     concerning_score: int = Field(ge=1, le=5, description="1 = benign ... 5 = clearly harmful.")
     user_frustration: int = Field(ge=1, le=5, description="1 = content ... 5 = very frustrated.")
-    assistant_errors: list[str] = Field(
+    assistant_errors: list[Annotated[str, StringConstraints(max_length=120)]] = Field(
         max_length=5, description="Errors the assistant made, each a short phrase; empty if none."
     )
 
@@ -139,8 +140,15 @@ CLUSTER_NAME_PROMPT = Prompt(
 # ----- 3. the hierarchy: propose parents, deduplicate, assign, rename -----
 
 
+# Bounded lists and strings: with grammar-constrained decoding (llama.cpp), the JSON then always
+# closes before the token limit, and no model can ramble on.
+ParentName = Annotated[str, StringConstraints(max_length=100)]
+
+
 class ProposedParentsResponse(BaseModel):
-    names: list[str] = Field(description="Candidate parent category names, each at most ten words.")
+    names: list[ParentName] = Field(
+        max_length=20, description="Candidate parent category names, each at most ten words."
+    )
 
 
 PROPOSE_PARENTS_PROMPT = Prompt(
@@ -158,7 +166,7 @@ PROPOSE_PARENTS_PROMPT = Prompt(
 
 
 class DeduplicatedParentsResponse(BaseModel):
-    names: list[str] = Field(description="The merged, distinct parent category names.")
+    names: list[ParentName] = Field(max_length=60, description="The merged, distinct parent category names.")
 
 
 DEDUPLICATE_PARENTS_PROMPT = Prompt(
@@ -175,7 +183,9 @@ DEDUPLICATE_PARENTS_PROMPT = Prompt(
 
 
 class AssignmentResponse(BaseModel):
-    parent: str = Field(description="The chosen parent category, copied exactly from the list.")
+    parent: str = Field(
+        max_length=100, description="The chosen parent category, copied exactly from the list."
+    )
 
 
 ASSIGN_PARENT_PROMPT = Prompt(
