@@ -46,6 +46,10 @@ def _stage(data_dir: Path, name: str) -> pl.DataFrame:
     return pl.read_parquet(data_dir / name / "topics.parquet")
 
 
+def _checks(result) -> dict[str, bool]:
+    return {check.check_name: check.passed for check in result.get_asset_check_evaluations()}
+
+
 def _metadata(result, asset: str) -> dict:
     [materialization] = [m for m in result.asset_materializations_for_node(asset)]
     return {key: value.value for key, value in materialization.metadata.items()}
@@ -83,6 +87,7 @@ def test_offline_run_writes_seven_stages_and_finds_the_topics(tmp_path, dataset_
     assert 1 <= top.height <= 4 and tree["level"].max() >= 1
     assert top["count"].sum() == 40
     assert "**" in _metadata(result, "meta_clusters")["tree"]
+    assert _checks(result) == {"every_conversation_summarised": True, "hierarchy_is_consistent": True}
 
     properties = _stage(data_dir, "extracted_properties")
     topic_rows = properties.filter(pl.col("name") == "metadata.topic")
@@ -161,6 +166,7 @@ def test_failed_summaries_are_recorded_with_their_reason_and_the_run_completes(t
     assert failed.height == 8 and summaries.height == 40
     assert set(failed["failure_reason"]) == {"HTTP 500 from the LLM endpoint"}
     assert _metadata(result, "conversation_summaries")["failed"] == 8
+    assert _checks(result) == {"every_conversation_summarised": False}  # a warning; the run went on
 
 
 def test_an_unreadable_dataset_fails_with_a_message_naming_the_file(tmp_path):

@@ -11,7 +11,13 @@ from kura_pipeline.core.cluster import (
     nearest_outsiders,
     slugify,
 )
-from kura_pipeline.core.hierarchy import build_hierarchy, level_target, match_name, plan_level_offline
+from kura_pipeline.core.hierarchy import (
+    build_hierarchy,
+    hierarchy_problems,
+    level_target,
+    match_name,
+    plan_level_offline,
+)
 from kura_pipeline.core.models import Cluster
 from kura_pipeline.core.naming import distinctive_terms, offline_labels
 from kura_pipeline.core.project import cluster_path_per_conversation, project_2d
@@ -192,3 +198,17 @@ def test_tree_shows_sizes_shares_and_nesting():
     assert "Write SQL" in lines[3] and lines[4].startswith("╚══ Cook dinner")
     markdown = render_markdown_tree([child_b, other, parent, child_a])
     assert markdown.splitlines()[1] == "  - **Fix Python errors** — 3 (60.0%)"
+
+
+def test_hierarchy_problems_finds_a_broken_tree():
+    embeddings, _ = blobs(4, 10)
+    base, embedding_of, documents = _base_clusters(embeddings, 8)
+    everything, _ = build_hierarchy(base, embedding_of, plan_level_offline(documents), max_top_clusters=2)
+    chat_ids = list(embedding_of)
+    assert hierarchy_problems(everything, chat_ids, max_top_clusters=2) == []
+    broken = [c.model_copy(deep=True) for c in everything]
+    top = next(c for c in broken if c.parent_id is None)
+    top.chat_ids = top.chat_ids[1:]
+    problems = hierarchy_problems(broken, chat_ids + ["lost"], max_top_clusters=2)
+    assert any("union of its children" in p for p in problems)
+    assert any("exactly once" in p for p in problems)

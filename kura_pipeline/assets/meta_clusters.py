@@ -1,7 +1,17 @@
 import asyncio
+from collections.abc import Iterator
 
 import polars as pl
-from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    Config,
+    MetadataValue,
+    Output,
+    asset,
+)
 
 from kura_pipeline.core.frames import (
     clusters_to_frame,
@@ -9,7 +19,12 @@ from kura_pipeline.core.frames import (
     frame_to_embeddings,
     frame_to_summaries,
 )
-from kura_pipeline.core.hierarchy import build_hierarchy, plan_level_clio, plan_level_offline
+from kura_pipeline.core.hierarchy import (
+    build_hierarchy,
+    hierarchy_problems,
+    plan_level_clio,
+    plan_level_offline,
+)
 from kura_pipeline.core.render.tree import render_markdown_tree
 from kura_pipeline.partitions import datasets_partitions
 from kura_pipeline.resources.llm import LLMResource
@@ -21,7 +36,12 @@ class MetaClustersConfig(Config):
     seed: int = 0
 
 
-@asset(partitions_def=datasets_partitions, group_name="kura", kinds={"polars", "parquet"})
+@asset(
+    partitions_def=datasets_partitions,
+    group_name="kura",
+    kinds={"polars", "parquet"},
+    check_specs=[AssetCheckSpec("hierarchy_is_consistent", asset="meta_clusters")],
+)
 def meta_clusters(
     context: AssetExecutionContext,
     config: MetaClustersConfig,
@@ -29,7 +49,7 @@ def meta_clusters(
     summary_embeddings: pl.DataFrame,
     conversation_summaries: pl.DataFrame,
     llm: LLMResource,
-) -> Output:
+) -> Iterator[Output | AssetCheckResult]:
     """The whole hierarchy, every level in one table (level 0 = base clusters, parents above,
     `parent_id` linking them), built until the top level has at most `max_top_clusters`."""
     chat_ids, embeddings = frame_to_embeddings(summary_embeddings)
@@ -54,7 +74,7 @@ def meta_clusters(
     if not llm.is_offline:
         stats = client.stats.as_metadata()
     levels = max(c.level for c in clusters) + 1 if clusters else 0
-    return Output(
+    yield Output(
         clusters_to_frame(clusters),
         metadata={
             "backend": llm.label,
@@ -66,4 +86,11 @@ def meta_clusters(
             "tree": MetadataValue.md(render_markdown_tree(clusters)),
             **stats,
         },
+    )
+    problems = hierarchy_problems(clusters, chat_ids, config.max_top_clusters)
+    yield AssetCheckResult(
+        check_name="hierarchy_is_consistent",
+        passed=not problems,
+        severity=AssetCheckSeverity.ERROR,
+        metadata={"problems": MetadataValue.md("\n".join(f"- {p}" for p in problems) or "none")},
     )

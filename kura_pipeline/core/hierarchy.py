@@ -240,3 +240,22 @@ def sync_plan(
 ) -> PlanLevel:
     """Adapt an async planner to build_hierarchy's synchronous loop."""
     return lambda children, centroids, target: run(plan(children, centroids, target))
+
+
+def hierarchy_problems(clusters: list[Cluster], chat_ids: list[str], max_top_clusters: int) -> list[str]:
+    """What is wrong with a finished hierarchy (empty when it is sound)."""
+    problems = []
+    base_members = [chat for c in clusters if c.level == 0 for chat in c.chat_ids]
+    if sorted(base_members) != sorted(chat_ids):
+        problems.append("the base clusters do not hold every embedded conversation exactly once")
+    by_id = {c.id: c for c in clusters}
+    for cluster in clusters:
+        children = [c for c in clusters if c.parent_id == cluster.id]
+        if children and sorted(x for c in children for x in c.chat_ids) != sorted(cluster.chat_ids):
+            problems.append(f"cluster {cluster.id} is not the union of its children")
+        if cluster.parent_id is not None and cluster.parent_id not in by_id:
+            problems.append(f"cluster {cluster.id} points to a missing parent {cluster.parent_id}")
+    tops = sum(1 for c in clusters if c.parent_id is None)
+    if clusters and tops > max_top_clusters and max(c.level for c in clusters) > 0:
+        problems.append(f"{tops} top-level clusters, more than max_top_clusters={max_top_clusters}")
+    return problems
