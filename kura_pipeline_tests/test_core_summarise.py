@@ -79,6 +79,8 @@ def test_summary_prompt_has_a_version_and_embeds_the_transcript():
 
 
 def test_scrub_removes_tokens_and_keys_but_not_words():
-    text, counts = scrub_pii("use key sk-proj-tddqlekcpmhfjpxz8svmp34beawxkint62odnj with internationalization")
+    text, counts = scrub_pii(
+        "use key sk-proj-tddqlekcpmhfjpxz8svmp34beawxkint62odnj with internationalization"
+    )
     assert "tddqlek" not in text and "internationalization" in text
     assert counts["token"] == 1

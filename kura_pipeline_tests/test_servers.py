@@ -91,9 +91,7 @@ def port_open(port: int) -> bool:
 @pytest.mark.parametrize("mode", [instructor.Mode.JSON_SCHEMA, instructor.Mode.TOOLS])
 def test_instructor_gets_valid_nested_instance(srv: LoopbackServer, mode: instructor.Mode) -> None:
     llm = instructor.from_openai(client(srv), mode=mode)
-    result = llm.chat.completions.create(
-        model="m", response_model=Summary, messages=MESSAGES, max_retries=0
-    )
+    result = llm.chat.completions.create(model="m", response_model=Summary, messages=MESSAGES, max_retries=0)
     assert isinstance(result, Summary)
     assert 2 <= len(result.facets) <= 3 and 1 <= result.score <= 5
     # Text is made from the conversation's own words.
@@ -190,16 +188,19 @@ def test_generator_honours_raw_schema_keywords() -> None:
         "properties": {
             "n": {"type": "integer", "exclusiveMinimum": 3, "exclusiveMaximum": 5},
             "x": {"type": "number", "minimum": -2.5, "maximum": -2.4},
-            "pair": {"type": "array", "prefixItems": [{"type": "boolean"}, {"const": 7}],
-                     "items": False},
-            "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "uniqueItems": True,
-                     "minItems": 2},
+            "pair": {"type": "array", "prefixItems": [{"type": "boolean"}, {"const": 7}], "items": False},
+            "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "uniqueItems": True, "minItems": 2},
             "maybe": {"type": ["null", "string"], "minLength": 5, "maxLength": 5},
             "ref": {"$ref": "#/$defs/Leaf"},
             "c": {"const": "fixed"},
         },
-        "$defs": {"Leaf": {"type": "object", "required": ["s"],
-                           "properties": {"s": {"type": "string", "format": "date"}}}},
+        "$defs": {
+            "Leaf": {
+                "type": "object",
+                "required": ["s"],
+                "properties": {"s": {"type": "string", "format": "date"}},
+            }
+        },
     }
     for seed in range(20):
         value = generate_instance(schema, random.Random(seed))
@@ -274,14 +275,13 @@ def test_truncated_reply_fails_validation(srv: LoopbackServer, mode: instructor.
     srv.faults.set(truncated_every=1)
     llm = instructor.from_openai(client(srv), mode=mode)
     with pytest.raises(InstructorRetryException) as err:
-        llm.chat.completions.create(
-            model="m", response_model=Summary, messages=MESSAGES, max_retries=0
-        )
+        llm.chat.completions.create(model="m", response_model=Summary, messages=MESSAGES, max_retries=0)
     assert "json_invalid" in str(err.value) or "Invalid JSON" in str(err.value)
     # Raw view: HTTP 200, well-formed envelope, content cut inside a string.
     schema = {"name": "Summary", "schema": Summary.model_json_schema()}
     raw = client(srv).chat.completions.create(
-        model="m", messages=MESSAGES,
+        model="m",
+        messages=MESSAGES,
         response_format={"type": "json_schema", "json_schema": schema},  # type: ignore[typeddict-item]
     )
     content = raw.choices[0].message.content or ""
@@ -317,9 +317,7 @@ def test_scripted_outcomes_in_order(srv: LoopbackServer) -> None:
             seen.append("truncated")
     assert seen == [429, "ok", 500, "truncated", 503, "ok"]
     assert srv.faults.pending == []
-    assert [e["outcome"] for e in srv.stats.log()] == [
-        "429", "ok", "500", "truncated", "503", "ok"
-    ]
+    assert [e["outcome"] for e in srv.stats.log()] == ["429", "ok", "500", "truncated", "503", "ok"]
 
 
 def test_retries_are_counted_at_the_endpoint(srv: LoopbackServer) -> None:
@@ -328,9 +326,7 @@ def test_retries_are_counted_at_the_endpoint(srv: LoopbackServer) -> None:
     srv.faults.set(retry_after=0.01)
     srv.faults.push("429", "500", "truncated", "ok")
     llm = instructor.from_openai(client(srv, max_retries=2), mode=instructor.Mode.JSON_SCHEMA)
-    result = llm.chat.completions.create(
-        model="m", response_model=Summary, messages=MESSAGES, max_retries=1
-    )
+    result = llm.chat.completions.create(model="m", response_model=Summary, messages=MESSAGES, max_retries=1)
     assert isinstance(result, Summary)
     assert srv.stats.count("chat") == 4
     assert srv.stats.snapshot()["outcomes"]["chat"] == {"429": 1, "500": 1, "truncated": 1, "ok": 1}
@@ -357,9 +353,9 @@ def test_max_in_flight_with_20_concurrent_requests(srv: LoopbackServer) -> None:
     async def burst() -> float:
         aclient = openai.AsyncOpenAI(base_url=srv.base_url, api_key="t", max_retries=0)
         started = time.monotonic()
-        await asyncio.gather(*[
-            aclient.chat.completions.create(model="m", messages=MESSAGES) for _ in range(20)
-        ])
+        await asyncio.gather(
+            *[aclient.chat.completions.create(model="m", messages=MESSAGES) for _ in range(20)]
+        )
         return time.monotonic() - started
 
     elapsed = asyncio.run(burst())
@@ -393,8 +389,7 @@ def test_stats_endpoint_control_endpoint_and_reset(srv: LoopbackServer) -> None:
     assert stats["requests"] == {"chat": 1, "embeddings": 1}
     assert stats["log"][1]["body"]["input"] == ["a", "b"]
     assert stats["faults"]["calls"] == 2
-    control = httpx.post(f"{srv.url}/_control",
-                         json={"set": {"error_500_every": 1}, "push": ["429"]})
+    control = httpx.post(f"{srv.url}/_control", json={"set": {"error_500_every": 1}, "push": ["429"]})
     assert control.status_code == 200 and srv.faults.error_500_every == 1
     assert srv.faults.pending == ["429"]
     bad = httpx.post(f"{srv.url}/_control", json={"push": ["nope"]})
@@ -402,8 +397,12 @@ def test_stats_endpoint_control_endpoint_and_reset(srv: LoopbackServer) -> None:
 
     srv.reset()
     assert srv.stats.snapshot() == {
-        "total": 0, "requests": {}, "outcomes": {}, "in_flight": 0,
-        "max_in_flight": 0, "disconnects": 0,
+        "total": 0,
+        "requests": {},
+        "outcomes": {},
+        "in_flight": 0,
+        "max_in_flight": 0,
+        "disconnects": 0,
     }
     assert srv.faults.calls == 0 and srv.faults.error_500_every == 1  # faults kept
     srv.reset(faults=True)
@@ -415,7 +414,9 @@ def test_request_log_is_bounded() -> None:
         for i in range(5):
             client(server).embeddings.create(model="e", input=f"text {i}")
         assert server.stats.bodies() and [b["input"] for b in server.stats.bodies()] == [
-            "text 2", "text 3", "text 4"
+            "text 2",
+            "text 3",
+            "text 4",
         ]
         assert server.stats.total == 5
 
@@ -463,9 +464,10 @@ def test_command_line_server() -> None:
         port = sock.getsockname()[1]
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kura_pipeline.servers.loopback", "--port", str(port),
-         "--script", "429"],
-        cwd=root, stdout=subprocess.PIPE, text=True,
+        [sys.executable, "-m", "kura_pipeline.servers.loopback", "--port", str(port), "--script", "429"],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stdout is not None
@@ -505,8 +507,13 @@ def test_llamacpp_smollm2_json_schema() -> None:
         result = llm.chat.completions.create(
             model="smollm2",
             response_model=Topic,
-            messages=[{"role": "user", "content": "Label this chat: fixing a flaky "
-                       "pytest test. Give a short topic and a score from 1 to 5."}],
+            messages=[
+                {
+                    "role": "user",
+                    "content": "Label this chat: fixing a flaky "
+                    "pytest test. Give a short topic and a score from 1 to 5.",
+                }
+            ],
             max_tokens=60,
             temperature=0,
             max_retries=0,
