@@ -15,6 +15,7 @@ from upath import UPath
 from kura_pipeline.core.frames import frame_to_clusters
 from kura_pipeline.core.render.tree import render_tree
 from kura_pipeline.partitions import datasets_partitions
+from kura_pipeline.resources.io_manager import stage_path
 
 DEFAULT_DAGSTER_HOME = ".dagster_home"
 
@@ -41,10 +42,10 @@ def register_datasets(instance: DagsterInstance) -> list[str]:
     return new
 
 
-def stage_path(asset: str, dataset: str) -> UPath:
+def data_stage_path(asset: str, dataset: str) -> UPath:
     from kura_pipeline.definitions import defs
 
-    return UPath(defs.resources["io_manager"].base_path) / asset / f"{dataset}.parquet"  # type: ignore[attr-defined]
+    return stage_path(defs.resources["io_manager"].base_path, asset, dataset)  # type: ignore[attr-defined]
 
 
 @click.group()
@@ -84,7 +85,7 @@ def run(dataset: str, descriptions: bool) -> None:
     _print_tree(dataset, descriptions, depth=None)
     click.echo(
         f"\nAll seven stages of {dataset!r} done in {elapsed:.0f} s; Parquet under "
-        f"{stage_path('raw_conversations', dataset).parent.parent}"
+        f"{data_stage_path('raw_conversations', dataset).parent.parent}"
     )
 
 
@@ -98,7 +99,7 @@ def tree(dataset: str, descriptions: bool, depth: int | None) -> None:
 
 
 def _print_tree(dataset: str, descriptions: bool, depth: int | None) -> None:
-    path = stage_path("meta_clusters", dataset)
+    path = data_stage_path("meta_clusters", dataset)
     if not path.exists():
         raise click.ClickException(
             f"no clusters for {dataset!r} at {path}: run `kura-pipeline run {dataset}` first"

@@ -16,16 +16,23 @@ from dagster import AssetSelection, Definitions, EnvVar, define_asset_job
 from kura_pipeline.assets import ALL_ASSETS
 from kura_pipeline.partitions import datasets_partitions
 from kura_pipeline.resources.embedder import EmbedderResource
-from kura_pipeline.resources.io_manager import ParquetIOManager
+from kura_pipeline.resources.io_manager import ParquetIOManager, StageReader
 from kura_pipeline.resources.llm import LLMResource
 from kura_pipeline.resources.registry import DEFAULT_REGISTRY, DatasetRegistry
-from kura_pipeline.sensors import dataset_registry_sensor
+from kura_pipeline.schedules import recluster_schedule
+from kura_pipeline.sensors import dataset_registry_sensor, inbox_sensor
 
 kura_job = define_asset_job(
     "kura_pipeline",
     selection=AssetSelection.all(),
     partitions_def=datasets_partitions,
-    description="All seven stages for one dataset: conversations to a browsable hierarchy.",
+    description="Every stage for one dataset: conversations to a browsable hierarchy.",
+)
+recluster_job = define_asset_job(
+    "recluster",
+    selection=AssetSelection.assets("base_clusters").downstream(),
+    partitions_def=datasets_partitions,
+    description="Clusters, hierarchy and map again, from the stored summaries and embeddings.",
 )
 
 
@@ -40,8 +47,10 @@ def build_resources() -> dict[str, object]:
     local_model = os.getenv("KURA_LLM_LOCAL_MODEL")
     backend = "local" if local_model else "openai" if (llm_model or llm_base_url) else "offline"
     embeddings_model = os.getenv("KURA_EMBEDDINGS_MODEL")
+    data_dir = os.getenv("KURA_DATA_DIR", "data")
     return {
-        "io_manager": ParquetIOManager(base_path=os.getenv("KURA_DATA_DIR", "data")),
+        "io_manager": ParquetIOManager(base_path=data_dir),
+        "stages": StageReader(base_path=data_dir),
         "registry": DatasetRegistry(path=os.getenv("KURA_DATASETS", DEFAULT_REGISTRY)),
         "llm": LLMResource(
             backend=backend,
@@ -67,7 +76,8 @@ def build_resources() -> dict[str, object]:
 
 defs = Definitions(
     assets=ALL_ASSETS,
-    jobs=[kura_job],
-    sensors=[dataset_registry_sensor],
+    jobs=[kura_job, recluster_job],
+    sensors=[dataset_registry_sensor, inbox_sensor],
+    schedules=[recluster_schedule],
     resources=build_resources(),
 )

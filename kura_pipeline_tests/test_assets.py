@@ -10,7 +10,7 @@ from dagster import DagsterInstance, instance_for_test, materialize
 
 from kura_pipeline.assets import ALL_ASSETS
 from kura_pipeline.resources.embedder import EmbedderResource
-from kura_pipeline.resources.io_manager import ParquetIOManager
+from kura_pipeline.resources.io_manager import ParquetIOManager, StageReader
 from kura_pipeline.resources.llm import LLMResource
 from kura_pipeline.resources.registry import DatasetRegistry
 from kura_pipeline.servers.loopback import LoopbackServer
@@ -34,6 +34,7 @@ def _materialize(instance: DagsterInstance, dataset_dir: Path, data_dir: Path, l
         run_config=RUN_CONFIG,
         resources={
             "io_manager": ParquetIOManager(base_path=str(data_dir)),
+            "stages": StageReader(base_path=str(data_dir)),
             "registry": DatasetRegistry(path=str(dataset_dir / "datasets.yaml")),
             "llm": llm,
             "embedder": EmbedderResource(),

@@ -11,7 +11,7 @@ from dagster import instance_for_test, materialize
 
 from kura_pipeline.assets import ALL_ASSETS
 from kura_pipeline.resources.embedder import EmbedderResource
-from kura_pipeline.resources.io_manager import ParquetIOManager
+from kura_pipeline.resources.io_manager import ParquetIOManager, StageReader
 from kura_pipeline.resources.llm import LLMResource
 from kura_pipeline.resources.registry import DatasetRegistry
 
@@ -40,6 +40,7 @@ def test_local_llamacpp_backend_runs_summaries_naming_and_a_hierarchy_step(tmp_p
             },
             resources={
                 "io_manager": ParquetIOManager(base_path=str(tmp_path / "data")),
+                "stages": StageReader(base_path=str(tmp_path / "data")),
                 "registry": DatasetRegistry(path=str(tmp_path / "datasets.yaml")),
                 "llm": llm,
                 "embedder": EmbedderResource(),

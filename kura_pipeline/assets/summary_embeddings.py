@@ -13,11 +13,13 @@ def summary_embeddings(
     """One unit vector per successful summary. Only the summary text is embedded: never the
     metadata or the chat id (Kura embeds those too, which pulls unrelated chats together)."""
     summaries = frame_to_summaries(conversation_summaries)
-    embeddings = embedder.embed([s.summary for s in summaries])
+    embeddings, computed = embedder.embed([s.summary for s in summaries])
     return Output(
         embeddings_to_frame([s.chat_id for s in summaries], embeddings),
         metadata={
             "embedder": embedder.description,
+            "computed": computed,
+            "from_cache": len(summaries) - computed,
             "dimensions": int(embeddings.shape[1]) if embeddings.ndim == 2 else 0,
         },
     )

@@ -26,16 +26,23 @@ def choose_k(
     return min(k, n_conversations)
 
 
-def kmeans_labels(embeddings: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
-    """Cluster labels 0..k-1 in order of decreasing cluster size (ties by first member)."""
+def kmeans_labels(
+    embeddings: np.ndarray, k: int, seed: int = 0, init: np.ndarray | None = None
+) -> np.ndarray:
+    """Cluster labels 0..k-1 in order of decreasing cluster size (ties by first member).
+
+    `init` (k centroids) warm-starts k-means from an earlier run, so clusters stay put."""
     n = len(embeddings)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
     if k <= 1:
         return np.zeros(n, dtype=np.int64)
     model_cls = MiniBatchKMeans if n > MINIBATCH_ABOVE else KMeans
-    raw = model_cls(n_clusters=k, random_state=seed, n_init=3).fit_predict(embeddings)
-    return relabel_by_size(raw)
+    if init is not None and len(init) == k:
+        model = model_cls(n_clusters=k, random_state=seed, init=init, n_init=1)
+    else:
+        model = model_cls(n_clusters=k, random_state=seed, n_init=3)
+    return relabel_by_size(model.fit_predict(embeddings))
 
 
 def relabel_by_size(labels: np.ndarray) -> np.ndarray:
@@ -95,10 +102,15 @@ def sample_inside(
 
 
 def base_cluster_groups(
-    embeddings: np.ndarray, k: int, seed: int = 0, inside_limit: int = 25, outside_limit: int = 10
+    embeddings: np.ndarray,
+    k: int,
+    seed: int = 0,
+    inside_limit: int = 25,
+    outside_limit: int = 10,
+    init: np.ndarray | None = None,
 ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
     """k-means groups, each with the rows to show the namer and its nearest outsiders."""
-    labels = kmeans_labels(embeddings, k, seed)
+    labels = kmeans_labels(embeddings, k, seed, init=init)
     members, inside, outside = [], [], []
     for label in range(int(labels.max()) + 1 if len(labels) else 0):
         mask = labels == label

@@ -7,6 +7,8 @@ mix types, is kept as JSON text.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 
 import numpy as np
@@ -15,9 +17,11 @@ import polars as pl
 from kura_pipeline.core.models import Cluster, Conversation, ConversationSummary, ExtractedProperty
 
 TIMESTAMP = pl.Datetime("us", "UTC")
+INITIAL_BATCH = "initial"  # the batch of a dataset loaded whole, not from an inbox
 
 CONVERSATIONS_SCHEMA = {
     "chat_id": pl.String,
+    "batch": pl.String,  # the batch (inbox file) the conversation arrived with, or "initial"
     "created_at": TIMESTAMP,
     "messages": pl.List(pl.Struct({"role": pl.String, "content": pl.String, "created_at": TIMESTAMP})),
     "metadata": pl.String,
@@ -45,6 +49,9 @@ CLUSTERS_SCHEMA = {
     "parent_id": pl.String,
     "level": pl.Int16,
     "count": pl.Int64,
+    "batch_counts": pl.List(pl.Struct({"batch": pl.String, "count": pl.Int64})),
+    "lineage": pl.String,
+    "previous_ids": pl.List(pl.String),
 }
 PROJECTIONS_SCHEMA = {
     "kind": pl.String,  # "conversation" or "cluster"
@@ -56,10 +63,13 @@ PROJECTIONS_SCHEMA = {
 }
 
 
-def conversations_to_frame(conversations: list[Conversation]) -> pl.DataFrame:
+def conversations_to_frame(
+    conversations: list[Conversation], batch_of: dict[str, str] | None = None
+) -> pl.DataFrame:
     rows = [
         {
             "chat_id": c.chat_id,
+            "batch": (batch_of or {}).get(c.chat_id, INITIAL_BATCH),
             "created_at": c.created_at,
             "messages": [m.model_dump() for m in c.messages],
             "metadata": json.dumps(c.metadata, ensure_ascii=False, sort_keys=True),
@@ -138,8 +148,31 @@ def frame_to_embeddings(frame: pl.DataFrame) -> tuple[list[str], np.ndarray]:
 
 
 def clusters_to_frame(clusters: list[Cluster]) -> pl.DataFrame:
-    return pl.DataFrame([{**c.model_dump(), "count": c.count} for c in clusters], schema=CLUSTERS_SCHEMA)
+    rows = [
+        {
+            **c.model_dump(),
+            "count": c.count,
+            "batch_counts": [{"batch": b, "count": n} for b, n in sorted(c.batch_counts.items())],
+        }
+        for c in clusters
+    ]
+    return pl.DataFrame(rows, schema=CLUSTERS_SCHEMA)
 
 
 def frame_to_clusters(frame: pl.DataFrame) -> list[Cluster]:
-    return [Cluster(**row) for row in frame.drop("count").iter_rows(named=True)]
+    return [
+        Cluster(**{**row, "batch_counts": {b["batch"]: b["count"] for b in row["batch_counts"] or []}})
+        for row in frame.drop("count").iter_rows(named=True)
+    ]
+
+
+def parquet_bytes(frame: pl.DataFrame) -> bytes:
+    """The table as Parquet (deterministic: the same frame gives the same bytes)."""
+    buffer = io.BytesIO()
+    frame.write_parquet(buffer)
+    return buffer.getvalue()
+
+
+def content_sha256(frame: pl.DataFrame) -> str:
+    """A stage's content fingerprint: equal when nothing in the table changed."""
+    return hashlib.sha256(parquet_bytes(frame)).hexdigest()

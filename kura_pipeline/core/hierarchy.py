@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import math
 import random
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -91,6 +92,9 @@ def _make_parents(children: list[Cluster], plan: LevelPlan, level: int, taken: s
         if not members:
             continue
         chat_ids = sorted(chat for child in members for chat in child.chat_ids)
+        batches: Counter[str] = Counter()
+        for child in members:
+            batches.update(child.batch_counts)
         parent = Cluster(
             id=cluster_id(level, chat_ids),
             name=label.name,
@@ -98,6 +102,7 @@ def _make_parents(children: list[Cluster], plan: LevelPlan, level: int, taken: s
             slug=slugify(label.name, taken),
             chat_ids=chat_ids,
             level=level,
+            batch_counts=dict(batches),
         )
         for child in members:
             child.parent_id = parent.id

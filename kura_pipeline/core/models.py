@@ -66,6 +66,8 @@ class ExtractedProperty(BaseModel):
 
 
 class Cluster(BaseModel):
+    """A cluster at some level of the hierarchy (0 = base clusters, parents above)."""
+
     id: str
     name: str
     description: str
@@ -73,6 +75,12 @@ class Cluster(BaseModel):
     chat_ids: list[str]
     parent_id: str | None = None
     level: int = 0
+    # How many of its conversations came with each batch (Clio's temporal breakdowns).
+    batch_counts: dict[str, int] = Field(default_factory=dict)
+    # Identity across re-clustering: "kept" (same cluster as before, same id and name), "new",
+    # "merged" (from several earlier clusters) or "split" (part of an earlier cluster).
+    lineage: Literal["kept", "new", "merged", "split"] | None = None
+    previous_ids: list[str] = Field(default_factory=list)
 
     @property
     def count(self) -> int:

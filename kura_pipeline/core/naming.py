@@ -15,11 +15,12 @@ from kura_pipeline.core.summarise import COMMON_WORDS
 # Words of the offline summary template and the scrub placeholders say nothing about a cluster;
 # words every request uses ("write", "want", "help") would name every cluster alike.
 _TEMPLATE_WORDS = {"user", "asked", "turns", "url", "email", "phone", "number", "ip"}
-_REQUEST_WORDS = set(
-    "write want need like help make create provide give use using used does did know please "
-    "explain tell list new good just get let ll ve don im thanks thank hi hello yes okay ok "
-    "following answer question questions example way act based sure".split()
-)
+_REQUEST_WORDS = {
+    "write", "want", "need", "like", "help", "make", "create", "provide", "give", "use", "using",
+    "used", "does", "did", "know", "please", "explain", "tell", "list", "new", "good", "just",
+    "get", "let", "ll", "ve", "don", "im", "thanks", "thank", "hi", "hello", "yes", "okay", "ok",
+    "following", "answer", "question", "questions", "example", "way", "act", "based", "sure",
+}
 STOP_WORDS = sorted(
     ENGLISH_STOP_WORDS
     | _TEMPLATE_WORDS

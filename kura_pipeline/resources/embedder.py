@@ -9,6 +9,8 @@ import numpy as np
 from dagster import ConfigurableResource
 from pydantic import PrivateAttr
 
+from kura_pipeline.core.embedding_cache import embed_with_cache
+from kura_pipeline.core.llm_cache import ResponseCache
 from kura_pipeline.core.openai_embeddings import embed_with_endpoint
 
 
@@ -21,6 +23,7 @@ class EmbedderResource(ConfigurableResource):
     base_url: str | None = None
     api_key: str | None = None
     batch_size: int = 64
+    cache_path: str | None = ".kura_cache/embeddings.sqlite3"
 
     _local: object | None = PrivateAttr(default=None)
 
@@ -28,7 +31,14 @@ class EmbedderResource(ConfigurableResource):
     def description(self) -> str:
         return f"{self.backend}:{self.model}"
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
+    def embed(self, texts: Sequence[str]) -> tuple[np.ndarray, int]:
+        """Rows for `texts`, and how many had to be computed (the rest came from the cache)."""
+        if not self.cache_path:
+            return self._compute(list(texts)), len(texts)
+        with ResponseCache(self.cache_path) as cache:
+            return embed_with_cache(texts, self.description, self._compute, cache)
+
+    def _compute(self, texts: list[str]) -> np.ndarray:
         if self.backend == "openai":
             return embed_with_endpoint(
                 texts, self.model, self.base_url, self.api_key or "not-needed", self.batch_size

@@ -2,22 +2,34 @@
 
 Dagster's UPathIOManager does the path work (`<base>/<asset key>/<partition>.parquet`) on a
 local folder or any fsspec URL (`s3://`, `gs://`, `memory://`, `file://`), so one code path
-serves both.
+serves both. A table whose content did not change is not rewritten: a re-run with nothing
+new changes no file.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import polars as pl
 from dagster import (
     ConfigurableIOManagerFactory,
+    ConfigurableResource,
     InputContext,
     MetadataValue,
     OutputContext,
     UPathIOManager,
 )
 from upath import UPath
+
+from kura_pipeline.core.frames import parquet_bytes
+
+CONTENT_HASH_KEY = "content_sha256"
+
+
+def stage_path(base_path: str, asset: str, partition: str) -> UPath:
+    """Where a stage's table for one dataset lives (the same layout UPathIOManager uses)."""
+    return UPath(base_path) / asset / f"{partition}.parquet"
 
 
 class PolarsParquetUPathIOManager(UPathIOManager):
@@ -29,11 +41,16 @@ class PolarsParquetUPathIOManager(UPathIOManager):
                 f"{context.asset_key.to_user_string()} must return a polars DataFrame, "
                 f"got {type(obj).__name__}"
             )
+        data = parquet_bytes(obj)
+        digest = hashlib.sha256(data).hexdigest()
+        context.add_output_metadata({CONTENT_HASH_KEY: digest})
+        if path.exists() and _sha256_of(path) == digest:
+            return  # same content: leave the file (and its timestamp) alone
         path.parent.mkdir(parents=True, exist_ok=True)
         # Write to a sibling and rename, so a crash never leaves a half-written table behind.
         partial = path.with_name(path.name + ".partial")
         with partial.open("wb") as file:
-            obj.write_parquet(file)
+            file.write(data)
         if path.protocol in ("", "file", "local", "memory"):
             partial.rename(path)
         else:  # object stores have no rename: the upload is complete when `close` returns
@@ -52,6 +69,11 @@ class PolarsParquetUPathIOManager(UPathIOManager):
         }
 
 
+def _sha256_of(path: UPath) -> str:
+    with path.open("rb") as file:
+        return hashlib.sha256(file.read()).hexdigest()
+
+
 def _copy_then_remove(source: UPath, target: UPath) -> None:
     with source.open("rb") as src, target.open("wb") as dst:
         dst.write(src.read())
@@ -62,7 +84,20 @@ class ParquetIOManager(ConfigurableIOManagerFactory):
     """Where the stages live: a local folder (default `data`) or an fsspec URL."""
 
     base_path: str = "data"
-    storage_options: dict[str, Any] = {}
 
     def create_io_manager(self, context: Any) -> PolarsParquetUPathIOManager:
-        return PolarsParquetUPathIOManager(base_path=UPath(self.base_path, **self.storage_options))
+        return PolarsParquetUPathIOManager(base_path=UPath(self.base_path))
+
+
+class StageReader(ConfigurableResource):
+    """Reads a stage's last stored table: how a stage sees its own previous result (e.g. the
+    clusters of the last run, to keep their identity). Points at the IO manager's base path."""
+
+    base_path: str = "data"
+
+    def read(self, asset: str, partition: str) -> pl.DataFrame | None:
+        path = stage_path(self.base_path, asset, partition)
+        if not path.exists():
+            return None
+        with path.open("rb") as file:
+            return pl.read_parquet(file)

@@ -1,0 +1,111 @@
+"""The explorer asset: one self-contained HTML page per dataset, stored next to the Parquet tables.
+
+The page is the asset's value, so an IO manager stores it, like every other stage: the asset
+stays a plain function of its inputs, and where pages go (a local folder or an fsspec URL, the
+same base path as the Parquet tables) is configured once, with the other resources.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import polars as pl
+from dagster import (
+    AssetExecutionContext,
+    Config,
+    ConfigurableIOManagerFactory,
+    InputContext,
+    MetadataValue,
+    Output,
+    OutputContext,
+    UPathIOManager,
+    asset,
+)
+from upath import UPath
+
+from kura_pipeline.core.render.explorer import (
+    build_explorer_data,
+    map_png,
+    png_markdown,
+    render_html,
+    top_clusters_markdown,
+)
+from kura_pipeline.partitions import datasets_partitions
+
+
+class HtmlUPathIOManager(UPathIOManager):
+    """`<base>/<asset key>/<partition>.html`, written whole or not at all."""
+
+    extension = ".html"
+
+    def dump_to_path(self, context: OutputContext, obj: str, path: UPath) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = obj.encode("utf-8")
+        if path.protocol in ("", "file", "local", "memory"):
+            # A sibling, then a rename: a browser never opens a half-written page.
+            partial = path.with_name(path.name + ".partial")
+            partial.write_bytes(data)
+            partial.rename(path)
+        else:  # object stores have no rename: the upload is complete when it returns
+            path.write_bytes(data)
+
+    def load_from_path(self, context: InputContext, path: UPath) -> str:
+        return path.read_text(encoding="utf-8")
+
+
+class HtmlIOManager(ConfigurableIOManagerFactory):
+    """Where HTML pages go: the same base path as the Parquet tables (default `data`)."""
+
+    base_path: str = "data"
+
+    def create_io_manager(self, context: Any) -> HtmlUPathIOManager:
+        return HtmlUPathIOManager(base_path=UPath(self.base_path))
+
+
+class ExplorerConfig(Config):
+    # Off by default: the page then holds summaries (scrubbed of PII), never what users wrote.
+    show_conversations: bool = False
+
+
+@asset(
+    partitions_def=datasets_partitions,
+    group_name="kura",
+    kinds={"html", "plotly"},
+    io_manager_key="html_io_manager",
+)
+def explorer(
+    context: AssetExecutionContext,
+    config: ExplorerConfig,
+    conversation_summaries: pl.DataFrame,
+    extracted_properties: pl.DataFrame,
+    meta_clusters: pl.DataFrame,
+    projections: pl.DataFrame,
+    raw_conversations: pl.DataFrame,
+) -> Output[str]:
+    """A page to browse the dataset: the cluster tree, the 2-D map, breakdowns by every facet
+    and property, filters, and cluster sizes over time. It opens from disk, with no network."""
+    data = build_explorer_data(
+        dataset=context.partition_key,
+        conversation_summaries=conversation_summaries,
+        extracted_properties=extracted_properties,
+        meta_clusters=meta_clusters,
+        projections=projections,
+        raw_conversations=raw_conversations,
+        show_conversations=config.show_conversations,
+    )
+    page = render_html(data)
+    if config.show_conversations:
+        context.log.warning("the explorer page includes the conversations' text (show_conversations)")
+    return Output(
+        page,
+        metadata={
+            "map": MetadataValue.md(png_markdown(map_png(data), f"map of {data.conversations} conversations")),
+            "top_clusters": MetadataValue.md(top_clusters_markdown(data)),
+            "dagster/row_count": data.conversations,
+            "conversations": data.conversations,
+            "clusters": len(data.cluster_ids),
+            "facets": MetadataValue.json([f.name for f in data.facets]),
+            "size_bytes": len(page.encode("utf-8")),
+            "show_conversations": config.show_conversations,
+        },
+    )
