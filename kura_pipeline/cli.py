@@ -61,32 +61,36 @@ def register() -> None:
 
 
 @main.command()
-@click.argument("dataset", default="demo")
+@click.argument("datasets", nargs=-1)
+@click.option("--all", "every", is_flag=True, help="Every dataset of the registry, one after another.")
 @click.option("--descriptions/--no-descriptions", default=False, help="Print cluster descriptions.")
-def run(dataset: str, descriptions: bool) -> None:
-    """Materialise all seven stages for DATASET (default: demo), then print its cluster tree."""
+def run(datasets: tuple[str, ...], every: bool, descriptions: bool) -> None:
+    """Materialise every stage for DATASETS (default: demo) in this process, then print each tree."""
     from kura_pipeline.definitions import defs, kura_job
 
     instance = cli_instance()
     register_datasets(instance)
-    started = time.monotonic()
-    result = defs.resolve_job_def(kura_job.name).execute_in_process(
-        instance=instance,
-        partition_key=dataset,
-        raise_on_error=False,
-        run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
-    )
-    elapsed = time.monotonic() - started
-    if not result.success:
-        for event in result.all_events:
-            if event.is_step_failure and event.step_failure_data:
-                click.echo(f"{event.step_key} failed: {event.step_failure_data.error.message}", err=True)
-        sys.exit(1)
-    _print_tree(dataset, descriptions, depth=None)
-    click.echo(
-        f"\nAll seven stages of {dataset!r} done in {elapsed:.0f} s; Parquet under "
-        f"{data_stage_path('raw_conversations', dataset).parent.parent}"
-    )
+    if every:
+        datasets = tuple(sorted(defs.resources["registry"].datasets()))  # type: ignore[attr-defined]
+    for dataset in datasets or ("demo",):
+        started = time.monotonic()
+        result = defs.resolve_job_def(kura_job.name).execute_in_process(
+            instance=instance,
+            partition_key=dataset,
+            raise_on_error=False,
+            run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+        )
+        elapsed = time.monotonic() - started
+        if not result.success:
+            for event in result.all_events:
+                if event.is_step_failure and event.step_failure_data:
+                    click.echo(f"{event.step_key} failed: {event.step_failure_data.error.message}", err=True)
+            sys.exit(1)
+        _print_tree(dataset, descriptions, depth=None)
+        click.echo(
+            f"\nEvery stage of {dataset!r} done in {elapsed:.0f} s; Parquet under "
+            f"{data_stage_path('raw_conversations', dataset).parent.parent}\n"
+        )
 
 
 @main.command()
