@@ -18,6 +18,7 @@ from kura_pipeline.partitions import datasets_partitions
 from kura_pipeline.resources.embedder import EmbedderResource
 from kura_pipeline.resources.io_manager import ParquetIOManager, StageReader
 from kura_pipeline.resources.llm import LLMResource
+from kura_pipeline.resources.privacy import PrivacyPolicy
 from kura_pipeline.resources.registry import DEFAULT_REGISTRY, DatasetRegistry
 from kura_pipeline.schedules import recluster_schedule
 from kura_pipeline.sensors import dataset_registry_sensor, inbox_sensor
@@ -51,6 +52,7 @@ def build_resources() -> dict[str, object]:
     return {
         "io_manager": ParquetIOManager(base_path=data_dir),
         "stages": StageReader(base_path=data_dir),
+        "privacy": PrivacyPolicy(),
         "registry": DatasetRegistry(path=os.getenv("KURA_DATASETS", DEFAULT_REGISTRY)),
         "llm": LLMResource(
             backend=backend,

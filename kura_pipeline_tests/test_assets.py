@@ -12,6 +12,7 @@ from kura_pipeline.assets import ALL_ASSETS
 from kura_pipeline.resources.embedder import EmbedderResource
 from kura_pipeline.resources.io_manager import ParquetIOManager, StageReader
 from kura_pipeline.resources.llm import LLMResource
+from kura_pipeline.resources.privacy import PrivacyPolicy
 from kura_pipeline.resources.registry import DatasetRegistry
 from kura_pipeline.servers.loopback import LoopbackServer
 
@@ -35,6 +36,7 @@ def _materialize(instance: DagsterInstance, dataset_dir: Path, data_dir: Path, l
         resources={
             "io_manager": ParquetIOManager(base_path=str(data_dir)),
             "stages": StageReader(base_path=str(data_dir)),
+            "privacy": PrivacyPolicy(),
             "registry": DatasetRegistry(path=str(dataset_dir / "datasets.yaml")),
             "llm": llm,
             "embedder": EmbedderResource(),

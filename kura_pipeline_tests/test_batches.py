@@ -19,6 +19,7 @@ from kura_pipeline.core.models import Cluster
 from kura_pipeline.resources.embedder import EmbedderResource
 from kura_pipeline.resources.io_manager import ParquetIOManager, StageReader
 from kura_pipeline.resources.llm import LLMResource
+from kura_pipeline.resources.privacy import PrivacyPolicy
 from kura_pipeline.resources.registry import DatasetRegistry
 from kura_pipeline.schedules import datasets_due_for_reclustering
 from kura_pipeline.sensors import inbox_sensor
@@ -111,6 +112,7 @@ def _run(instance, tmp_path: Path, server: LoopbackServer, partition: str, asset
         resources={
             "io_manager": ParquetIOManager(base_path=data),
             "stages": StageReader(base_path=data),
+            "privacy": PrivacyPolicy(),
             "registry": _registry(tmp_path),
             "llm": LLMResource(
                 backend="openai",

@@ -102,11 +102,11 @@ def test_the_readme_shell_commands_materialize_a_dataset(tmp_path, dataset_dir):
     assert instance.get_latest_materialization_event(defs.get_assets_def("projections").key) is not None
     tree = run(str(BIN / "kura-pipeline"), "tree", "topics", "--descriptions")
     assert tree.returncode == 0, tree.stderr
-    top = pl.read_parquet(tmp_path / "data" / "meta_clusters" / "topics.parquet").filter(
-        pl.col("parent_id").is_null()
-    )
+    tree_table = pl.read_parquet(tmp_path / "data" / "meta_clusters" / "topics.parquet")
+    top = tree_table.filter(pl.col("parent_id").is_null())
     assert tree.stdout.startswith("Clusters (40 conversations)")
-    assert all(name in tree.stdout for name in top["name"])
+    assert all(name in tree.stdout for name in top.filter(~pl.col("withheld"))["name"])
+    assert ("below the privacy threshold" in tree.stdout) == tree_table["withheld"].any()
 
     # The UI: `dagster dev` on the same instance lists the seven assets with the partition and
     # the metadata of the materialisation (asked through its GraphQL API, as the UI does).

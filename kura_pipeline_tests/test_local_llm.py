@@ -13,6 +13,7 @@ from kura_pipeline.assets import ALL_ASSETS
 from kura_pipeline.resources.embedder import EmbedderResource
 from kura_pipeline.resources.io_manager import ParquetIOManager, StageReader
 from kura_pipeline.resources.llm import LLMResource
+from kura_pipeline.resources.privacy import PrivacyPolicy
 from kura_pipeline.resources.registry import DatasetRegistry
 
 from .conftest import make_conversations, write_jsonl
@@ -41,6 +42,7 @@ def test_local_llamacpp_backend_runs_summaries_naming_and_a_hierarchy_step(tmp_p
             resources={
                 "io_manager": ParquetIOManager(base_path=str(tmp_path / "data")),
                 "stages": StageReader(base_path=str(tmp_path / "data")),
+                "privacy": PrivacyPolicy(),
                 "registry": DatasetRegistry(path=str(tmp_path / "datasets.yaml")),
                 "llm": llm,
                 "embedder": EmbedderResource(),

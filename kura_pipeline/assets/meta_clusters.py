@@ -25,9 +25,11 @@ from kura_pipeline.core.hierarchy import (
     plan_level_clio,
     plan_level_offline,
 )
+from kura_pipeline.core.privacy import users_from_metadata, withheld_cluster_ids
 from kura_pipeline.core.render.tree import render_markdown_tree
 from kura_pipeline.partitions import datasets_partitions
 from kura_pipeline.resources.llm import LLMResource
+from kura_pipeline.resources.privacy import PrivacyPolicy
 
 
 class MetaClustersConfig(Config):
@@ -49,9 +51,12 @@ def meta_clusters(
     summary_embeddings: pl.DataFrame,
     conversation_summaries: pl.DataFrame,
     llm: LLMResource,
+    privacy: PrivacyPolicy,
 ) -> Iterator[Output | AssetCheckResult]:
     """The whole hierarchy, every level in one table (level 0 = base clusters, parents above,
-    `parent_id` linking them), built until the top level has at most `max_top_clusters`."""
+    `parent_id` linking them), built until the top level has at most `max_top_clusters`.
+    Clusters below the privacy policy's thresholds are flagged `withheld`: the tree here, in the
+    terminal and in the explorer never shows them."""
     chat_ids, embeddings = frame_to_embeddings(summary_embeddings)
     embedding_of = dict(zip(chat_ids, embeddings, strict=True))
     stats: dict[str, int] = {}
@@ -73,6 +78,14 @@ def meta_clusters(
     )
     if not llm.is_offline:
         stats = client.stats.as_metadata()
+    user_of = users_from_metadata(
+        conversation_summaries["metadata"].to_list(),
+        conversation_summaries["chat_id"].to_list(),
+        privacy.user_id_field,
+    )
+    withheld = withheld_cluster_ids(clusters, privacy.threshold, user_of or None)
+    for cluster in clusters:
+        cluster.withheld = cluster.id in withheld
     levels = max(c.level for c in clusters) + 1 if clusters else 0
     yield Output(
         clusters_to_frame(clusters),
@@ -83,6 +96,8 @@ def meta_clusters(
                 {str(level): sum(1 for c in clusters if c.level == level) for level in range(levels)}
             ),
             "assignment_fallbacks": sum(p.fallbacks for p in plans),
+            "withheld_clusters": len(withheld),
+            "withheld_conversations": sum(c.count for c in clusters if c.withheld and c.level == 0),
             "tree": MetadataValue.md(render_markdown_tree(clusters)),
             **stats,
         },

@@ -52,6 +52,7 @@ CLUSTERS_SCHEMA = {
     "batch_counts": pl.List(pl.Struct({"batch": pl.String, "count": pl.Int64})),
     "lineage": pl.String,
     "previous_ids": pl.List(pl.String),
+    "withheld": pl.Boolean,
 }
 PROJECTIONS_SCHEMA = {
     "kind": pl.String,  # "conversation" or "cluster"

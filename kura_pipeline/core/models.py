@@ -81,6 +81,9 @@ class Cluster(BaseModel):
     # "merged" (from several earlier clusters) or "split" (part of an earlier cluster).
     lineage: Literal["kept", "new", "merged", "split"] | None = None
     previous_ids: list[str] = Field(default_factory=list)
+    # Below the privacy threshold (too few conversations or users): kept in the table for the
+    # pipeline, never shown to a person.
+    withheld: bool = False
 
     @property
     def count(self) -> int:

@@ -5,7 +5,22 @@ from __future__ import annotations
 from kura_pipeline.core.models import Cluster
 
 
+def withheld_note(clusters: list[Cluster]) -> str | None:
+    """What a reader is told about what they are not shown (counts only)."""
+    hidden = [c for c in clusters if c.withheld]
+    if not hidden:
+        return None
+    conversations = sum(c.count for c in hidden if c.level == 0)
+    return (
+        f"{len(hidden)} clusters ({conversations} conversations in base clusters) withheld: "
+        "below the privacy threshold"
+    )
+
+
 def _children_of(clusters: list[Cluster]) -> tuple[list[Cluster], dict[str, list[Cluster]]]:
+    """Roots and children among the clusters a person may see (withheld ones, and what hangs
+    below them, are left out)."""
+    clusters = [c for c in clusters if not c.withheld]
     children: dict[str, list[Cluster]] = {}
     for cluster in clusters:
         if cluster.parent_id is not None:
@@ -19,7 +34,7 @@ def _children_of(clusters: list[Cluster]) -> tuple[list[Cluster], dict[str, list
 def render_tree(clusters: list[Cluster], descriptions: bool = False, max_depth: int | None = None) -> str:
     """Box-drawn tree, biggest first, with counts and each cluster's share of all conversations."""
     roots, children = _children_of(clusters)
-    total = sum(r.count for r in roots) or 1
+    total = sum(c.count for c in clusters if c.parent_id is None) or 1  # shares of everything
     lines = [f"Clusters ({total} conversations)"]
 
     def walk(cluster: Cluster, prefix: str, last: bool, depth: int) -> None:
@@ -37,13 +52,15 @@ def render_tree(clusters: list[Cluster], descriptions: bool = False, max_depth: 
 
     for i, root in enumerate(roots):
         walk(root, "", i == len(roots) - 1, 0)
+    if note := withheld_note(clusters):
+        lines.append(f"({note})")
     return "\n".join(lines)
 
 
 def render_markdown_tree(clusters: list[Cluster], max_depth: int = 3) -> str:
     """Nested markdown bullets for the Dagster UI's metadata panel."""
     roots, children = _children_of(clusters)
-    total = sum(r.count for r in roots) or 1
+    total = sum(c.count for c in clusters if c.parent_id is None) or 1
     lines: list[str] = []
 
     def walk(cluster: Cluster, depth: int) -> None:
@@ -56,4 +73,6 @@ def render_markdown_tree(clusters: list[Cluster], max_depth: int = 3) -> str:
 
     for root in roots:
         walk(root, 0)
+    if note := withheld_note(clusters):
+        lines.append(f"\n_{note}_")
     return "\n".join(lines)

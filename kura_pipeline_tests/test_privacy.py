@@ -1,0 +1,127 @@
+"""Privacy layers that need no model: PII scrubbing and aggregation thresholds, end to end."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import polars as pl
+import pytest
+from dagster import instance_for_test, materialize
+
+from kura_pipeline.assets import ALL_ASSETS
+from kura_pipeline.core.frames import frame_to_clusters
+from kura_pipeline.core.models import Cluster, Conversation, Message
+from kura_pipeline.core.privacy import AggregationThreshold, scrub_pii, withheld_cluster_ids
+from kura_pipeline.core.render.tree import render_markdown_tree, render_tree
+from kura_pipeline.resources.embedder import EmbedderResource
+from kura_pipeline.resources.io_manager import ParquetIOManager, StageReader
+from kura_pipeline.resources.llm import LLMResource
+from kura_pipeline.resources.privacy import PrivacyPolicy
+from kura_pipeline.resources.registry import DatasetRegistry
+
+from .conftest import TOPICS, write_jsonl
+
+PII = [
+    "jane.roe@example.org",
+    "+1 415 555 0142",
+    "Mrs. Hollis",
+    "https://example.org/u/jroe",
+    "10.20.30.40",
+]
+
+
+def _cluster(cid: str, n: int, parent: str | None = None, level: int = 0) -> Cluster:
+    members = [f"{cid}-{i}" for i in range(n)]
+    return Cluster(
+        id=cid, name=f"name {cid}", description="d", slug=cid, chat_ids=members, parent_id=parent, level=level
+    )
+
+
+def test_names_after_titles_and_introductions_are_scrubbed():
+    text, counts = scrub_pii("Hi, my name is Margaret Hollis. Dear Tom, Dr. Watson agrees. The Beatles rock.")
+    assert "Margaret" not in text and "Tom" not in text and "Watson" not in text
+    assert "my name is [NAME]" in text and "The Beatles rock" in text
+    assert counts["name"] == 3
+
+
+def test_small_clusters_are_withheld_by_size_and_by_distinct_users():
+    clusters = [_cluster("big", 12), _cluster("small", 3), _cluster("one_user", 8)]
+    threshold = AggregationThreshold(min_conversations=5, min_users=2)
+    assert withheld_cluster_ids(clusters, threshold) == {"small"}
+    user_of = {f"one_user-{i}": "u1" for i in range(8)} | {f"big-{i}": f"u{i}" for i in range(12)}
+    assert withheld_cluster_ids(clusters, threshold, user_of) == {"small", "one_user"}
+
+
+def test_withheld_clusters_never_reach_the_tree_but_are_counted():
+    parent = _cluster("parent", 15, level=1)
+    visible = _cluster("visible", 12, parent="parent")
+    hidden = _cluster("hidden", 3, parent="parent").model_copy(update={"withheld": True})
+    clusters = [parent, visible, hidden]
+    for text in (render_tree(clusters), render_markdown_tree(clusters)):
+        assert "name visible" in text and "name hidden" not in text
+        assert "1 clusters (3 conversations in base clusters) withheld" in text
+
+
+@pytest.mark.slow
+def test_seeded_pii_reaches_no_output_a_person_reads(tmp_path):
+    """Users put emails, phones, names, URLs and IPs in their messages; none of it may show up in
+    summaries, cluster names or descriptions, the tree, or the UI metadata."""
+    conversations = []
+    for t, (topic, requests) in enumerate(TOPICS.items()):
+        for i, request in enumerate(requests):
+            pii = PII[(t + i) % len(PII)]
+            text = f"{request} My name is Margaret Hollis, reach me at {pii} or jane.roe@example.org."
+            conversations.append(
+                Conversation(
+                    chat_id=f"{topic}-{i}",
+                    created_at=datetime(2026, 1, 1, tzinfo=UTC),
+                    messages=[Message(role="user", content=text), Message(role="assistant", content="Sure.")],
+                    metadata={"user_id": f"user-{i % 3}"},
+                )
+            )
+    write_jsonl(conversations, tmp_path / "pii.jsonl")
+    (tmp_path / "datasets.yaml").write_text(
+        "datasets:\n  pii:\n    loader: jsonl\n    options: {path: pii.jsonl}\n"
+    )
+    data = tmp_path / "data"
+    with instance_for_test() as instance:
+        instance.add_dynamic_partitions("datasets", ["pii"])
+        result = materialize(
+            ALL_ASSETS,
+            partition_key="pii",
+            instance=instance,
+            run_config={"ops": {"base_clusters": {"config": {"conversations_per_cluster": 4}}}},
+            resources={
+                "io_manager": ParquetIOManager(base_path=str(data)),
+                "stages": StageReader(base_path=str(data)),
+                "privacy": PrivacyPolicy(min_cluster_conversations=3, min_cluster_users=2),
+                "registry": DatasetRegistry(path=str(tmp_path / "datasets.yaml")),
+                "llm": LLMResource(),
+                "embedder": EmbedderResource(cache_path=None),
+            },
+        )
+        assert result.success
+        metadata_text = " ".join(
+            str(value.value)
+            for asset in ("conversation_summaries", "base_clusters", "meta_clusters")
+            for event in result.asset_materializations_for_node(asset)
+            for value in event.metadata.values()
+        )
+    summaries = pl.read_parquet(data / "conversation_summaries" / "pii.parquet")
+    clusters = pl.read_parquet(data / "meta_clusters" / "pii.parquet")
+    shown = " ".join(
+        [
+            *summaries["summary"].to_list(),
+            *summaries["request"].to_list(),
+            *clusters["name"].to_list(),
+            *clusters["description"].to_list(),
+            render_tree(frame_to_clusters(clusters), descriptions=True),
+            metadata_text,
+        ]
+    )
+    for secret in [*PII, "Margaret", "Hollis", "jroe", "555 0142"]:
+        assert secret not in shown, shown[max(0, shown.find(secret) - 300) : shown.find(secret) + 100]
+    scrubbed = (
+        result.asset_materializations_for_node("conversation_summaries")[0].metadata["pii_scrubbed"].value
+    )
+    assert scrubbed["email"] >= 40 and scrubbed["name"] == 40 + 8  # every introduction, 8 "Mrs. Hollis"
