@@ -125,3 +125,26 @@ def test_seeded_pii_reaches_no_output_a_person_reads(tmp_path):
         result.asset_materializations_for_node("conversation_summaries")[0].metadata["pii_scrubbed"].value
     )
     assert scrubbed["email"] >= 40 and scrubbed["name"] == 40 + 8  # every introduction, 8 "Mrs. Hollis"
+
+
+def test_the_auditor_rates_each_cluster_and_an_unaudited_cluster_is_withheld(tmp_path):
+    import asyncio
+
+    from kura_pipeline.core.llm import LLMClient, LLMSettings
+    from kura_pipeline.core.privacy_audit import audit_clusters, withheld_by_audit
+    from kura_pipeline.servers.loopback import LoopbackServer
+
+    clusters = [_cluster("a", 6), _cluster("b", 6), _cluster("c", 6)]
+    with LoopbackServer() as server:
+        server.faults.push("ok", "500", "ok")  # the second audit call fails
+        client = LLMClient(
+            LLMSettings(model="loopback", base_url=server.base_url, max_attempts=1, max_concurrency=1)
+        )
+        ratings = asyncio.run(audit_clusters(client, clusters))
+        prompts = [body["messages"][1]["content"] for body in server.stats.bodies("chat")]
+    assert sorted(ratings) == ["a", "b", "c"] and ratings["b"] is None
+    assert all(1 <= ratings[c] <= 5 for c in ("a", "c"))
+    assert all("name a" in p or "name b" in p or "name c" in p for p in prompts)  # name and description sent
+    withheld = withheld_by_audit(ratings, min_rating=3)
+    assert "b" in withheld
+    assert withheld == {"b"} | {c for c in ("a", "c") if ratings[c] < 3}

@@ -26,6 +26,7 @@ from kura_pipeline.core.hierarchy import (
     plan_level_offline,
 )
 from kura_pipeline.core.privacy import users_from_metadata, withheld_cluster_ids
+from kura_pipeline.core.privacy_audit import audit_clusters, withheld_by_audit
 from kura_pipeline.core.render.tree import render_markdown_tree
 from kura_pipeline.partitions import datasets_partitions
 from kura_pipeline.resources.llm import LLMResource
@@ -76,16 +77,19 @@ def meta_clusters(
         max_top_clusters=config.max_top_clusters,
         branching_factor=config.branching_factor,
     )
-    if not llm.is_offline:
-        stats = client.stats.as_metadata()
     user_of = users_from_metadata(
         conversation_summaries["metadata"].to_list(),
         conversation_summaries["chat_id"].to_list(),
         privacy.user_id_field,
     )
     withheld = withheld_cluster_ids(clusters, privacy.threshold, user_of or None)
+    audited: set[str] = set()
+    if not llm.is_offline:
+        shown = [c for c in clusters if c.id not in withheld]
+        audited = withheld_by_audit(asyncio.run(audit_clusters(client, shown)), privacy.min_audit_rating)
+        stats = client.stats.as_metadata()
     for cluster in clusters:
-        cluster.withheld = cluster.id in withheld
+        cluster.withheld = cluster.id in withheld or cluster.id in audited
     levels = max(c.level for c in clusters) + 1 if clusters else 0
     yield Output(
         clusters_to_frame(clusters),
@@ -96,7 +100,8 @@ def meta_clusters(
                 {str(level): sum(1 for c in clusters if c.level == level) for level in range(levels)}
             ),
             "assignment_fallbacks": sum(p.fallbacks for p in plans),
-            "withheld_clusters": len(withheld),
+            "withheld_clusters": len(withheld | audited),
+            "withheld_by_privacy_audit": len(audited),
             "withheld_conversations": sum(c.count for c in clusters if c.withheld and c.level == 0),
             "tree": MetadataValue.md(render_markdown_tree(clusters)),
             **stats,
