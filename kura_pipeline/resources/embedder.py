@@ -35,8 +35,11 @@ class EmbedderResource(ConfigurableResource):
         """Rows for `texts`, and how many had to be computed (the rest came from the cache)."""
         if not self.cache_path:
             return self._compute(list(texts)), len(texts)
-        with ResponseCache(self.cache_path) as cache:
+        cache = ResponseCache(self.cache_path)
+        try:
             return embed_with_cache(texts, self.description, self._compute, cache)
+        finally:
+            cache.close()
 
     def _compute(self, texts: list[str]) -> np.ndarray:
         if self.backend == "openai":
