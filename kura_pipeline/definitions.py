@@ -14,6 +14,7 @@ import os
 from dagster import AssetSelection, Definitions, EnvVar, define_asset_job
 
 from kura_pipeline.assets import ALL_ASSETS
+from kura_pipeline.assets.explorer import HtmlIOManager
 from kura_pipeline.partitions import datasets_partitions
 from kura_pipeline.resources.embedder import EmbedderResource
 from kura_pipeline.resources.io_manager import ParquetIOManager, StageReader
@@ -52,6 +53,7 @@ def build_resources() -> dict[str, object]:
     return {
         "io_manager": ParquetIOManager(base_path=data_dir),
         "stages": StageReader(base_path=data_dir),
+        "html_io_manager": HtmlIOManager(base_path=data_dir),
         "privacy": PrivacyPolicy(),
         "registry": DatasetRegistry(path=os.getenv("KURA_DATASETS", DEFAULT_REGISTRY)),
         "llm": LLMResource(

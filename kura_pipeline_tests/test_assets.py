@@ -9,6 +9,7 @@ import pytest
 from dagster import DagsterInstance, instance_for_test, materialize
 
 from kura_pipeline.assets import ALL_ASSETS
+from kura_pipeline.assets.explorer import HtmlIOManager
 from kura_pipeline.resources.embedder import EmbedderResource
 from kura_pipeline.resources.io_manager import ParquetIOManager, StageReader
 from kura_pipeline.resources.llm import LLMResource
@@ -36,6 +37,7 @@ def _materialize(instance: DagsterInstance, dataset_dir: Path, data_dir: Path, l
         resources={
             "io_manager": ParquetIOManager(base_path=str(data_dir)),
             "stages": StageReader(base_path=str(data_dir)),
+            "html_io_manager": HtmlIOManager(base_path=str(data_dir)),
             "privacy": PrivacyPolicy(),
             "registry": DatasetRegistry(path=str(dataset_dir / "datasets.yaml")),
             "llm": llm,
@@ -59,13 +61,15 @@ def _metadata(result, asset: str) -> dict:
 
 
 @pytest.mark.slow
-def test_offline_run_writes_seven_stages_and_finds_the_topics(tmp_path, dataset_dir):
+def test_offline_run_writes_eight_stages_and_finds_the_topics(tmp_path, dataset_dir):
     data_dir = tmp_path / "data"
     with instance_for_test() as instance:
         result = _materialize(instance, dataset_dir, data_dir, LLMResource())
         assert result.success
+    assert len(STAGES) == 8
     for stage in STAGES:
-        assert (data_dir / stage / "topics.parquet").exists(), stage
+        suffix = ".html" if stage == "explorer" else ".parquet"  # the explorer is a page, not a table
+        assert (data_dir / stage / f"topics{suffix}").exists(), stage
 
     raw = _stage(data_dir, "raw_conversations")
     summaries = _stage(data_dir, "conversation_summaries")

@@ -29,11 +29,12 @@ STAGES = [
     "base_clusters",
     "meta_clusters",
     "projections",
+    "explorer",
 ]
 BIN = Path(sys.executable).parent
 
 
-def test_definitions_hold_seven_assets_all_partitioned_by_dataset():
+def test_definitions_hold_eight_assets_all_partitioned_by_dataset():
     repository = defs.get_repository_def()
     specs = {
         key.to_user_string(): repository.asset_graph.get(key)
@@ -43,7 +44,7 @@ def test_definitions_hold_seven_assets_all_partitioned_by_dataset():
     for node in specs.values():
         assert node.partitions_def == datasets_partitions
     assert defs.resolve_job_def("kura_pipeline").asset_layer  # the main job resolves
-    assert set(defs.resources) >= {"io_manager", "registry", "llm", "embedder"}
+    assert set(defs.resources) >= {"io_manager", "html_io_manager", "registry", "llm", "embedder"}
 
 
 def test_default_resources_are_offline_and_an_endpoint_switches_the_llm_on(monkeypatch):
@@ -97,7 +98,8 @@ def test_the_readme_shell_commands_materialize_a_dataset(tmp_path, dataset_dir):
     )  # fmt: skip
     assert materialized.returncode == 0, materialized.stderr[-3000:]
     for stage in STAGES:
-        assert (tmp_path / "data" / stage / "topics.parquet").exists(), stage
+        suffix = ".html" if stage == "explorer" else ".parquet"  # the explorer is a page, not a table
+        assert (tmp_path / "data" / stage / f"topics{suffix}").exists(), stage
     instance = DagsterInstance.from_config(str(tmp_path / "dagster_home"))
     assert instance.get_latest_materialization_event(defs.get_assets_def("projections").key) is not None
     tree = run(str(BIN / "kura-pipeline"), "tree", "topics", "--descriptions")
@@ -108,7 +110,7 @@ def test_the_readme_shell_commands_materialize_a_dataset(tmp_path, dataset_dir):
     assert all(name in tree.stdout for name in top.filter(~pl.col("withheld"))["name"])
     assert ("below the privacy threshold" in tree.stdout) == tree_table["withheld"].any()
 
-    # The UI: `dagster dev` on the same instance lists the seven assets with the partition and
+    # The UI: `dagster dev` on the same instance lists the eight assets with the partition and
     # the metadata of the materialisation (asked through its GraphQL API, as the UI does).
     nodes = _asset_nodes_from_dagster_dev(env, tmp_path)
     assert sorted(nodes) == sorted(STAGES)

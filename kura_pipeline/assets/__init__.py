@@ -2,6 +2,7 @@
 
 from kura_pipeline.assets.base_clusters import base_clusters
 from kura_pipeline.assets.conversation_summaries import conversation_summaries
+from kura_pipeline.assets.explorer import explorer
 from kura_pipeline.assets.extracted_properties import extracted_properties
 from kura_pipeline.assets.meta_clusters import meta_clusters
 from kura_pipeline.assets.projections import projections
@@ -16,4 +17,5 @@ ALL_ASSETS = [
     base_clusters,
     meta_clusters,
     projections,
+    explorer,
 ]

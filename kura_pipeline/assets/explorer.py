@@ -5,8 +5,6 @@ stays a plain function of its inputs, and where pages go (a local folder or an f
 same base path as the Parquet tables) is configured once, with the other resources.
 """
 
-from __future__ import annotations
-
 from typing import Any
 
 import polars as pl
@@ -99,11 +97,15 @@ def explorer(
     return Output(
         page,
         metadata={
-            "map": MetadataValue.md(png_markdown(map_png(data), f"map of {data.conversations} conversations")),
+            "map": MetadataValue.md(
+                png_markdown(map_png(data), f"map of {data.conversations} conversations")
+            ),
             "top_clusters": MetadataValue.md(top_clusters_markdown(data)),
             "dagster/row_count": data.conversations,
             "conversations": data.conversations,
             "clusters": len(data.cluster_ids),
+            "withheld_clusters": data.withheld_clusters,
+            "withheld_conversations": data.withheld_conversations,
             "facets": MetadataValue.json([f.name for f in data.facets]),
             "size_bytes": len(page.encode("utf-8")),
             "show_conversations": config.show_conversations,
