@@ -212,3 +212,9 @@ def test_hierarchy_problems_finds_a_broken_tree():
     problems = hierarchy_problems(broken, chat_ids + ["lost"], max_top_clusters=2)
     assert any("union of its children" in p for p in problems)
     assert any("exactly once" in p for p in problems)
+
+
+def test_markdown_tree_shows_markup_in_names_as_text():
+    hostile = Cluster(id="h", name="<script>alert(1)</script> [x](y)", description="", slug="h", chat_ids=["1"])
+    line = render_markdown_tree([hostile])
+    assert "<script>" not in line and "\\<script\\>" in line and "\\[x\\]\\(y\\)" in line

@@ -15,6 +15,7 @@ from kura_pipeline.core.frames import (
 from kura_pipeline.core.identity import batch_counts, farthest_points, match_lineage, previous_centroids
 from kura_pipeline.core.models import Cluster
 from kura_pipeline.core.naming import ClusterLabel, llm_labels, offline_labels
+from kura_pipeline.core.render.markdown import escape_markdown
 from kura_pipeline.partitions import datasets_partitions
 from kura_pipeline.resources.io_manager import StageReader
 from kura_pipeline.resources.llm import LLMResource
@@ -111,7 +112,7 @@ def base_clusters(
             "embeddings_content_sha256": content_sha256(summary_embeddings),
             "largest": MetadataValue.md(
                 "| cluster | conversations |\n|---|---|\n"
-                + "\n".join(f"| {c.name} | {c.count} |" for c in top)
+                + "\n".join(f"| {escape_markdown(c.name)} | {c.count} |" for c in top)
             ),
             **stats,
         },

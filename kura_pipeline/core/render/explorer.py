@@ -27,6 +27,7 @@ import numpy as np
 import polars as pl
 
 from kura_pipeline.core.render.map_png import hex_to_rgb, scatter_png, swatch_png
+from kura_pipeline.core.render.markdown import escape_markdown
 
 # Top-level clusters take these colours in order of size (the same in the page and the PNG).
 PALETTE = [
@@ -488,7 +489,7 @@ def map_png(data: ExplorerData, width: int = 560, height: int = 360) -> bytes:
 
 
 def png_markdown(png: bytes, alt: str) -> str:
-    return f"![{_md(alt)}](data:image/png;base64,{base64.b64encode(png).decode()})"
+    return f"![{escape_markdown(alt)}](data:image/png;base64,{base64.b64encode(png).decode()})"
 
 
 def top_clusters_markdown(data: ExplorerData, limit: int = 15) -> str:
@@ -499,7 +500,7 @@ def top_clusters_markdown(data: ExplorerData, limit: int = 15) -> str:
     children = Counter(p for p in data.cluster_parents if p >= 0)
     for c, colour in list(colours.items())[:limit]:
         lines.append(
-            f"| {png_markdown(swatch_png(colour), colour)} | {_md(data.cluster_names[c])} "
+            f"| {png_markdown(swatch_png(colour), colour)} | {escape_markdown(data.cluster_names[c])} "
             f"| {sizes[c]} | {100 * sizes[c] / total:.1f}% | {children[c]} |"
         )
     if len(colours) > limit:
@@ -507,7 +508,4 @@ def top_clusters_markdown(data: ExplorerData, limit: int = 15) -> str:
     return "\n".join(lines)
 
 
-def _md(text: str) -> str:
-    """Cluster names are data: escape markdown and HTML so they show as typed."""
-    text = " ".join(text.split())
-    return re.sub(r"([\\`*_{}\[\]()<>#+!|~-])", r"\\\1", text)
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from kura_pipeline.core.models import Cluster
+from kura_pipeline.core.render.markdown import escape_markdown
 
 
 def withheld_note(clusters: list[Cluster]) -> str | None:
@@ -65,7 +66,7 @@ def render_markdown_tree(clusters: list[Cluster], max_depth: int = 3) -> str:
 
     def walk(cluster: Cluster, depth: int) -> None:
         share = 100 * cluster.count / total
-        name = cluster.name.replace("[", "\\[").replace("]", "\\]")
+        name = escape_markdown(cluster.name)
         lines.append(f"{'  ' * depth}- **{name}** — {cluster.count} ({share:.1f}%)")
         if depth + 1 < max_depth:
             for child in children.get(cluster.id, []):
