@@ -13,6 +13,7 @@ import pytest
 from dagster import SensorResult, SkipReason, build_sensor_context, instance_for_test, materialize
 
 from kura_pipeline.assets import ALL_ASSETS
+from kura_pipeline.assets.explorer import HtmlIOManager
 from kura_pipeline.core.batches import fingerprint, list_batch_files, load_batches
 from kura_pipeline.core.identity import match_lineage
 from kura_pipeline.core.models import Cluster
@@ -112,6 +113,7 @@ def _run(instance, tmp_path: Path, server: LoopbackServer, partition: str, asset
         resources={
             "io_manager": ParquetIOManager(base_path=data),
             "stages": StageReader(base_path=data),
+            "html_io_manager": HtmlIOManager(base_path=data),
             "privacy": PrivacyPolicy(),
             "registry": _registry(tmp_path),
             "llm": LLMResource(

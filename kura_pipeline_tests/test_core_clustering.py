@@ -215,6 +215,7 @@ def test_hierarchy_problems_finds_a_broken_tree():
 
 
 def test_markdown_tree_shows_markup_in_names_as_text():
-    hostile = Cluster(id="h", name="<script>alert(1)</script> [x](y)", description="", slug="h", chat_ids=["1"])
+    name = "<script>alert(1)</script> [x](y)"
+    hostile = Cluster(id="h", name=name, description="", slug="h", chat_ids=["1"])
     line = render_markdown_tree([hostile])
     assert "<script>" not in line and "\\<script\\>" in line and "\\[x\\]\\(y\\)" in line

@@ -9,6 +9,7 @@ import pytest
 from dagster import instance_for_test, materialize
 
 from kura_pipeline.assets import ALL_ASSETS
+from kura_pipeline.assets.explorer import HtmlIOManager
 from kura_pipeline.core.frames import frame_to_clusters
 from kura_pipeline.core.models import Cluster, Conversation, Message
 from kura_pipeline.core.privacy import AggregationThreshold, scrub_pii, withheld_cluster_ids
@@ -94,6 +95,7 @@ def test_seeded_pii_reaches_no_output_a_person_reads(tmp_path):
             resources={
                 "io_manager": ParquetIOManager(base_path=str(data)),
                 "stages": StageReader(base_path=str(data)),
+                "html_io_manager": HtmlIOManager(base_path=str(data)),
                 "privacy": PrivacyPolicy(min_cluster_conversations=3, min_cluster_users=2),
                 "registry": DatasetRegistry(path=str(tmp_path / "datasets.yaml")),
                 "llm": LLMResource(),
@@ -103,7 +105,7 @@ def test_seeded_pii_reaches_no_output_a_person_reads(tmp_path):
         assert result.success
         metadata_text = " ".join(
             str(value.value)
-            for asset in ("conversation_summaries", "base_clusters", "meta_clusters")
+            for asset in ("conversation_summaries", "base_clusters", "meta_clusters", "explorer")
             for event in result.asset_materializations_for_node(asset)
             for value in event.metadata.values()
         )
@@ -117,6 +119,7 @@ def test_seeded_pii_reaches_no_output_a_person_reads(tmp_path):
             *clusters["description"].to_list(),
             render_tree(frame_to_clusters(clusters), descriptions=True),
             metadata_text,
+            (data / "explorer" / "pii.html").read_text(encoding="utf-8"),
         ]
     )
     for secret in [*PII, "Margaret", "Hollis", "jroe", "555 0142"]:
