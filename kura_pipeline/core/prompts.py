@@ -113,13 +113,13 @@ SUMMARY_PROMPT = Prompt(
 
 
 class ClusterNameResponse(BaseModel):
-    name: str = Field(max_length=80, description="Imperative sentence of at most ten words.")
+    name: str = Field(max_length=80, description="A request of at most ten words, starting with a verb.")
     description: str = Field(max_length=400, description="Two sentences, past tense, no PII.")
 
 
 CLUSTER_NAME_PROMPT = Prompt(
     name="cluster_name",
-    version="1",
+    version="2",  # 2: no example name (small models copied it) and no "imperative sentence" term
     system=(
         "You name groups of conversation summaries so a product team can see how an AI "
         "assistant is used. Names and descriptions contain no PII and no proper nouns."
@@ -128,11 +128,11 @@ CLUSTER_NAME_PROMPT = Prompt(
         "Summaries of conversations IN the group:\n<inside>\n{inside}\n</inside>\n\n"
         "Summaries of nearby conversations NOT in the group (for contrast):\n"
         "<outside>\n{outside}\n</outside>\n\n"
-        "Write a name for the group: an imperative sentence of at most ten words that says "
-        "what the users asked for, specific enough to tell this group from the nearby ones "
-        "(e.g. 'Debug memory leaks in embedded C programs'). Then a two-sentence description "
-        "in the past tense of what the conversations in the group have in common and what sets "
-        "them apart from the nearby ones."
+        "Name the group with what its users asked the assistant to do, phrased as a request of "
+        "at most ten words that starts with a verb, specific enough to tell this group apart "
+        "from the nearby conversations. Then describe the group in two sentences, in the past "
+        "tense: what its conversations have in common and what sets them apart from the nearby "
+        "ones. Use only what the summaries say."
     ),
 )
 
@@ -202,12 +202,13 @@ ASSIGN_PARENT_PROMPT = Prompt(
 
 RENAME_PARENT_PROMPT = Prompt(
     name="rename_parent",
-    version="1",
+    version="2",
     system=CLUSTER_NAME_PROMPT.system,
     user_template=(
         "A parent category holds these child categories:\n<children>\n{children}\n</children>\n\n"
-        "Write a name for the parent: an imperative sentence of at most ten words that covers "
-        "all the children, and a two-sentence description in the past tense."
+        "Name the parent with what its users asked the assistant to do, phrased as a request "
+        "of at most ten words that starts with a verb and covers all the children; then "
+        "describe it in two sentences, in the past tense."
     ),
 )
 

@@ -62,11 +62,14 @@ class LlamaCppServer:
         n_predict: int = 512,
         port: int = 0,
         startup_timeout: float = 60.0,
+        log_verbosity: int = -1,
         configure: Callable[[Any], None] | None = None,
     ) -> None:
         """``n_predict`` caps tokens per answer when a request sets no max_tokens;
-        ``n_ctx`` is shared by the ``n_parallel`` slots; ``configure`` gets the
-        ``xllamacpp.CommonParams`` for any other setting before start."""
+        ``n_ctx`` is shared by the ``n_parallel`` slots; ``log_verbosity`` -1 keeps
+        llama.cpp's own per-request logging off the terminal (errors still reach the
+        client over HTTP); ``configure`` gets the ``xllamacpp.CommonParams`` for any
+        other setting before start."""
         self.model_path = Path(model_path)
         self.alias = alias
         self.n_ctx = n_ctx
@@ -75,6 +78,7 @@ class LlamaCppServer:
         self.n_predict = n_predict
         self.requested_port = port
         self.startup_timeout = startup_timeout
+        self.log_verbosity = log_verbosity
         self.configure = configure
         self._server: Any = None
         self._url: str | None = None
@@ -110,6 +114,7 @@ class LlamaCppServer:
         params.cpuparams.n_threads = self.threads
         params.cpuparams_batch.n_threads = self.threads
         params.ui = False
+        params.verbosity = self.log_verbosity
         if self.configure is not None:
             self.configure(params)
         return params
