@@ -1,0 +1,308 @@
+"""The LLM engine against a real loopback OpenAI-compatible server on 127.0.0.1.
+
+Nothing in the client is patched: faults are injected by the server, and what the engine did is
+read from the server's own counts (requests, outcomes, bodies, in-flight maximum, times).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import BaseModel, field_validator
+
+from kura_pipeline.core.llm import (
+    LLMClient,
+    LLMSettings,
+    describe,
+)
+from kura_pipeline.core.llm_cache import ResponseCache
+from kura_pipeline.core.models import Conversation, Message
+from kura_pipeline.core.prompts import SUMMARY_PROMPT, Prompt, SummaryResponse
+from kura_pipeline.core.summarise import summarise_all_with_llm
+from kura_pipeline.servers.loopback import LoopbackServer
+
+KILL_SCRIPT = Path(__file__).parent / "scripts" / "summarise_subprocess.py"
+CHAR_BUDGET = 4000
+# Every reason the engine gives for the faults the loopback server injects.
+FAULT_REASONS = {
+    "HTTP 429 from the LLM endpoint",
+    "HTTP 500 from the LLM endpoint",
+    "the reply was not valid JSON",
+    "the LLM request timed out",
+}
+
+
+def make_conversations(count: int, tag: str = "c") -> list[Conversation]:
+    """Distinct conversations (distinct text, so distinct cache keys and request bodies)."""
+    created = datetime(2026, 1, 1, tzinfo=UTC)
+    return [
+        Conversation(
+            chat_id=f"{tag}-{index}",
+            created_at=created,
+            messages=[
+                Message(role="user", content=f"[{tag} {index}] How do I sort a list of {index} numbers?"),
+                Message(role="assistant", content="Use sorted(numbers), or numbers.sort() in place."),
+            ],
+        )
+        for index in range(count)
+    ]
+
+
+def fast_settings(server: LoopbackServer, **overrides: Any) -> LLMSettings:
+    """Short timeouts and backoff, so fault drills take seconds."""
+    values: dict[str, Any] = {
+        "model": "loopback",
+        "base_url": server.base_url,
+        "max_concurrency": 8,
+        "timeout_seconds": 5.0,
+        "max_attempts": 3,
+        "backoff_seconds": 0.02,
+        "max_backoff_seconds": 0.1,
+    }
+    values.update(overrides)
+    return LLMSettings(**values)
+
+
+def summarise(conversations: list[Conversation], client: LLMClient):
+    return asyncio.run(summarise_all_with_llm(conversations, client, CHAR_BUDGET))
+
+
+def one_call(client: LLMClient, text: str, response_model: type[BaseModel] = SummaryResponse) -> Any:
+    messages = SUMMARY_PROMPT.messages(transcript=text)
+    return asyncio.run(client.complete(SUMMARY_PROMPT, messages, response_model))
+
+
+def request_times(server: LoopbackServer) -> list[float]:
+    """When each request reached the server (its own clock), in order."""
+    return sorted(entry["time"] for entry in server.stats.log() if entry["endpoint"] == "chat")
+
+
+@pytest.fixture
+def server():
+    with LoopbackServer() as srv:
+        yield srv
+
+
+# ----- 1. every conversation ends summarised or failed with a reason -----
+
+
+def test_under_mixed_faults_every_conversation_is_summarised_or_failed_with_a_reason(server):
+    server.faults.set(
+        latency=0.05,
+        rate_limit_every=4,
+        retry_after=0.2,
+        error_500_every=5,
+        truncated_every=7,
+        timeout_every=9,
+        hang_seconds=2.0,
+    )
+    conversations = make_conversations(30)
+    client = LLMClient(fast_settings(server, max_concurrency=6, timeout_seconds=1.0))
+    run = summarise(conversations, client)
+
+    summarised = {s.chat_id for s in run.summaries}
+    assert summarised | set(run.failures) == {c.chat_id for c in conversations}
+    assert not summarised & set(run.failures)
+    assert all(reason in FAULT_REASONS for reason in run.failures.values())
+    # Counted at the server: every fault kind happened; each "ok" reply became one summary; every
+    # other reply was either retried or ended its conversation as a recorded failure.
+    outcomes = {o: server.stats.count("chat", o) for o in ("ok", "429", "500", "truncated", "timeout")}
+    assert all(outcomes.values()), outcomes
+    assert outcomes["ok"] == len(run.summaries)
+    assert server.stats.count("chat") == client.stats.calls
+    assert server.stats.count("chat") - outcomes["ok"] == client.stats.retries + client.stats.failures
+    assert client.stats.failures == len(run.failures)
+    assert sum(client.stats.failure_reasons.values()) == len(run.failures)
+
+
+class StrictAnswer(BaseModel):
+    """A response model whose validator rejects every reply (the schema cannot say so)."""
+
+    summary: str
+
+    @field_validator("summary")
+    @classmethod
+    def never(cls, value: str) -> str:
+        raise ValueError("not good enough")
+
+
+@pytest.mark.parametrize("mode", ["json_schema", "tools", "json", "md_json"])
+def test_every_mode_gets_structured_answers_and_retries_bad_ones(server, mode):
+    client = LLMClient(fast_settings(server, mode=mode))
+    server.faults.push("truncated")
+    run = summarise(make_conversations(4, mode), client)
+    assert len(run.summaries) == 4 and not run.failures
+    assert server.stats.count("chat") == 5 and client.stats.retries == 1
+    body = server.stats.bodies("chat")[0]
+    shape = {
+        "json_schema": body.get("response_format", {}).get("type") == "json_schema",
+        "tools": body.get("tool_choice", {}).get("function", {}).get("name") == "SummaryResponse",
+        "json": body.get("response_format", {}).get("type") == "json_object",
+        "md_json": "```json" in body["messages"][-1]["content"],
+    }
+    assert shape[mode], body
+
+
+# ----- 2. concurrency: never exceeded, actually reached -----
+
+
+def test_configured_concurrency_is_reached_and_never_exceeded(server):
+    server.faults.set(latency=0.3)
+    messages: list[str] = []
+    client = LLMClient(fast_settings(server, max_concurrency=8), log=messages.append)
+    started = time.monotonic()
+    run = summarise(make_conversations(40), client)
+    elapsed = time.monotonic() - started
+    assert len(run.summaries) == 40
+    assert server.stats.max_in_flight == 8
+    assert server.stats.count("chat") == 40
+    assert elapsed < 40 * 0.3 / 2  # waves of eight, far from forty calls in a row (12 s)
+    # Progress: every ~5 s and once at the end; this stage is shorter, so the end line only.
+    progress = [m for m in messages if m.startswith("summaries:")]
+    assert len(progress) == 1 and progress[0].startswith("summaries: 40/40 done")
+
+
+# ----- 3. Retry-After -----
+
+
+# ----- 4. the cache -----
+
+
+def test_a_second_run_makes_no_calls(server, tmp_path):
+    conversations = make_conversations(12)
+    with ResponseCache(tmp_path / "cache.sqlite3") as cache:
+        first = summarise(conversations, LLMClient(fast_settings(server), cache=cache))
+        assert server.stats.count("chat") == 12 and len(cache) == 12
+        again = LLMClient(fast_settings(server), cache=cache)
+        second = summarise(conversations, again)
+    assert server.stats.count("chat") == 12
+    assert again.stats.calls == 0 and again.stats.cache_hits == 12
+    assert [s.model_dump() for s in second.summaries] == [s.model_dump() for s in first.summaries]
+
+
+# ----- 5. kill -9 mid-stage, restart: no paid call repeats -----
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_stage_and_restarted_repeats_no_stored_call(tmp_path):
+    total, concurrency = 40, 4
+    cache_path = tmp_path / "cache.sqlite3"
+    with LoopbackServer(latency=0.25) as srv:  # outlives the killed child
+        command = [
+            sys.executable,
+            str(KILL_SCRIPT),
+            "--base-url",
+            srv.base_url,
+            "--cache",
+            str(cache_path),
+            "--count",
+            str(total),
+            "--concurrency",
+            str(concurrency),
+        ]
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as child:
+            deadline = time.monotonic() + 60
+            while srv.stats.count("chat") - srv.stats.in_flight < 15:  # answered by the server
+                assert child.poll() is None, child.communicate()
+                assert time.monotonic() < deadline, "the child made no progress"
+                time.sleep(0.01)
+            child.send_signal(signal.SIGKILL)
+        assert child.returncode == -signal.SIGKILL
+        first_run_calls = srv.stats.count("chat")
+        assert first_run_calls < total  # killed mid-stage
+        with sqlite3.connect(cache_path) as db:  # what survived the kill
+            stored = db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+        assert stored >= 15 - concurrency
+
+        restart = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
+        outcome = json.loads(restart.stdout.strip().splitlines()[-1])
+        assert outcome["summarised"] == total and outcome["failed"] == 0
+        assert outcome["llm_cache_hits"] == stored
+        second_run_calls = srv.stats.count("chat") - first_run_calls
+        assert second_run_calls == total - stored  # nothing stored was asked again
+
+        bodies = Counter(json.dumps(b["messages"], sort_keys=True) for b in srv.stats.bodies("chat"))
+        repeated = sum(bodies.values()) - len(bodies)
+        assert len(bodies) == total
+        # Only requests not yet stored at the kill (each held one of the slots) were repeated.
+        assert repeated == first_run_calls - stored <= concurrency
+
+        subprocess.run(command, capture_output=True, timeout=120, check=True)
+        assert srv.stats.count("chat") == first_run_calls + second_run_calls  # third run: all cached
+
+
+# ----- 6. requests and tokens per minute -----
+
+
+class Label(BaseModel):
+    label: str
+
+
+LABEL_PROMPT = Prompt(name="label", version="1", system="Label the text.", user_template="{text}")
+
+
+def label_all(client: LLMClient, count: int) -> None:
+    async def run() -> list[Any]:
+        messages = [LABEL_PROMPT.messages(text=f"text number {i:03d}") for i in range(count)]
+        return await client.gather([client.complete(LABEL_PROMPT, m, Label) for m in messages], "labels")
+
+    assert all(isinstance(r, Label) for r in asyncio.run(run()))
+
+
+def test_without_limits_the_same_calls_go_at_once(server):
+    label_all(LLMClient(fast_settings(server)), 7)
+    times = request_times(server)
+    assert times[-1] - times[0] < 0.5
+
+
+# ----- 7. cost -----
+
+
+# ----- 8. the API key stays secret -----
+
+
+def test_the_api_key_appears_in_no_repr_reason_log_metadata_or_cache(server, tmp_path, caplog):
+    key = "sk-kura-test-7f3a9c1e5b2d4086"
+    settings = fast_settings(server, api_key=key, extra_body={"user": "team"})
+    messages: list[str] = []
+    server.faults.push("401", "400", "429", "truncated", "500")
+    caplog.set_level("DEBUG")
+    with ResponseCache(tmp_path / "cache.sqlite3") as cache:
+        client = LLMClient(settings, cache=cache, log=messages.append)
+        run = summarise(make_conversations(6), client)
+        failure = one_call(client, "one more")
+    assert len(run.failures) == 2 and isinstance(failure, SummaryResponse)
+
+    errors: list[str] = []
+    try:  # the error an endpoint raises for a bad key, formatted as the engine formats errors
+        httpx.post(f"{server.base_url}/chat/completions", json={}, headers={"Authorization": f"Bearer {key}"})
+    except httpx.HTTPError as error:  # pragma: no cover - the loopback server answers
+        errors.append(describe(error))
+    texts = [
+        repr(settings),
+        str(settings),
+        repr(client),
+        *messages,
+        *run.failures.values(),
+        *errors,
+        json.dumps(client.stats.as_metadata()),
+        caplog.text,
+    ]
+    assert all(key not in text for text in texts)
+    assert "api_key" not in repr(settings)
+    stored = b"".join(path.read_bytes() for path in tmp_path.iterdir())  # the database and its WAL
+    assert key.encode() not in stored and b"summary" in stored
+
+
