@@ -66,7 +66,7 @@ def test_offline_run_writes_eight_stages_and_finds_the_topics(tmp_path, dataset_
     with instance_for_test() as instance:
         result = _materialize(instance, dataset_dir, data_dir, LLMResource())
         assert result.success
-    assert len(STAGES) == 8
+    assert len(STAGES) == 9  # seven stages, the explorer page and the evaluation
     for stage in STAGES:
         suffix = ".html" if stage == "explorer" else ".parquet"  # the explorer is a page, not a table
         assert (data_dir / stage / f"topics{suffix}").exists(), stage
@@ -100,6 +100,11 @@ def test_offline_run_writes_eight_stages_and_finds_the_topics(tmp_path, dataset_
     topic_rows = properties.filter(pl.col("name") == "metadata.topic")
     assert topic_rows.height == 40
     assert set(properties["name"]) >= {"message_count", "user_turns", "conversation_characters"}
+
+    # The evaluation stage scores every level against the topics kept in metadata.
+    scores = _stage(data_dir, "evaluation").sort("level")
+    assert scores["level"].to_list() == list(range(tree["level"].max() + 1))
+    assert scores["conversations"][0] == 40
 
     projections = _stage(data_dir, "projections")
     points = projections.filter(pl.col("kind") == "conversation")

@@ -30,6 +30,7 @@ STAGES = [
     "meta_clusters",
     "projections",
     "explorer",
+    "evaluation",
 ]
 BIN = Path(sys.executable).parent
 
