@@ -2,9 +2,9 @@
 
 from kura_pipeline.assets.base_clusters import base_clusters
 from kura_pipeline.assets.conversation_summaries import conversation_summaries
+from kura_pipeline.assets.evaluation import evaluation
 from kura_pipeline.assets.explorer import explorer
 from kura_pipeline.assets.extracted_properties import extracted_properties
-from kura_pipeline.assets.evaluation import evaluation
 from kura_pipeline.assets.meta_clusters import meta_clusters
 from kura_pipeline.assets.projections import projections
 from kura_pipeline.assets.raw_conversations import raw_conversations
