@@ -124,6 +124,10 @@ def test_seeded_pii_reaches_no_output_a_person_reads(tmp_path):
     )
     for secret in [*PII, "Margaret", "Hollis", "jroe", "555 0142"]:
         assert secret not in shown, shown[max(0, shown.find(secret) - 300) : shown.find(secret) + 100]
+    # The UI's table of largest base clusters names none below the threshold either.
+    largest = result.asset_materializations_for_node("base_clusters")[0].metadata["largest"].value
+    counts = [int(line.rsplit("|", 2)[1]) for line in largest.splitlines()[2:]]
+    assert counts and min(counts) >= 3
     scrubbed = (
         result.asset_materializations_for_node("conversation_summaries")[0].metadata["pii_scrubbed"].value
     )

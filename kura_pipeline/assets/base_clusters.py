@@ -15,10 +15,12 @@ from kura_pipeline.core.frames import (
 from kura_pipeline.core.identity import batch_counts, farthest_points, match_lineage, previous_centroids
 from kura_pipeline.core.models import Cluster
 from kura_pipeline.core.naming import ClusterLabel, llm_labels, offline_labels
+from kura_pipeline.core.privacy import users_from_metadata, withheld_cluster_ids
 from kura_pipeline.core.render.markdown import escape_markdown
 from kura_pipeline.partitions import datasets_partitions
 from kura_pipeline.resources.io_manager import StageReader
 from kura_pipeline.resources.llm import LLMResource
+from kura_pipeline.resources.privacy import PrivacyPolicy
 
 
 class BaseClustersConfig(Config):
@@ -37,6 +39,7 @@ def base_clusters(
     summary_embeddings: pl.DataFrame,
     llm: LLMResource,
     stages: StageReader,
+    privacy: PrivacyPolicy,
 ) -> Output:
     """k-means over the summary embeddings, each cluster named and described (contrastively,
     against its nearest outsiders, when an LLM is configured). A cluster that is substantially
@@ -99,7 +102,14 @@ def base_clusters(
                 previous_ids=lineage.previous_ids,
             )
         )
-    top = sorted(clusters, key=lambda c: -c.count)[:20]
+    # Only clusters above the privacy threshold may be named to a person, here as anywhere.
+    users = users_from_metadata(
+        conversation_summaries["metadata"].to_list(),
+        conversation_summaries["chat_id"].to_list(),
+        privacy.user_id_field,
+    )
+    hidden = withheld_cluster_ids(clusters, privacy.threshold, users or None)
+    top = sorted((c for c in clusters if c.id not in hidden), key=lambda c: -c.count)[:20]
     return Output(
         clusters_to_frame(clusters),
         metadata={
@@ -110,6 +120,7 @@ def base_clusters(
             "naming_failures": sum(1 for label in labels.values() if label.failed_reason),
             # What the schedule compares to decide whether re-clustering is due.
             "embeddings_content_sha256": content_sha256(summary_embeddings),
+            "below_privacy_threshold": len(hidden),
             "largest": MetadataValue.md(
                 "| cluster | conversations |\n|---|---|\n"
                 + "\n".join(f"| {escape_markdown(c.name)} | {c.count} |" for c in top)
