@@ -36,12 +36,12 @@ from kura_pipeline.servers.loopback import LoopbackServer
 KILL_SCRIPT = Path(__file__).parent / "scripts" / "summarise_subprocess.py"
 CHAR_BUDGET = 4000
 # Every reason the engine gives for the faults the loopback server injects.
-FAULT_REASONS = {
+FAULT_REASONS = (
     "HTTP 429 from the LLM endpoint",
     "HTTP 500 from the LLM endpoint",
-    "the reply was not valid JSON",
+    "the reply did not validate",  # a truncated reply is not valid JSON
     "the LLM request timed out",
-}
+)
 
 
 def make_conversations(count: int, tag: str = "c") -> list[Conversation]:
@@ -106,16 +106,17 @@ def test_under_mixed_faults_every_conversation_is_summarised_or_failed_with_a_re
         error_500_every=5,
         truncated_every=7,
         timeout_every=9,
-        hang_seconds=2.0,
+        hang_seconds=8.0,
     )
     conversations = make_conversations(30)
-    client = LLMClient(fast_settings(server, max_concurrency=6, timeout_seconds=1.0))
+    # A timeout well above an ordinary reply's time even on two busy cores, well below a hang.
+    client = LLMClient(fast_settings(server, max_concurrency=6, timeout_seconds=4.0))
     run = summarise(conversations, client)
 
     summarised = {s.chat_id for s in run.summaries}
     assert summarised | set(run.failures) == {c.chat_id for c in conversations}
     assert not summarised & set(run.failures)
-    assert all(reason in FAULT_REASONS for reason in run.failures.values())
+    assert all(reason.startswith(FAULT_REASONS) for reason in run.failures.values()), run.failures
     # Counted at the server: every fault kind happened; each "ok" reply became one summary; every
     # other reply was either retried or ended its conversation as a recorded failure.
     outcomes = {o: server.stats.count("chat", o) for o in ("ok", "429", "500", "truncated", "timeout")}
