@@ -20,6 +20,16 @@ from .conftest import make_conversations, write_jsonl
 
 pytestmark = [pytest.mark.llamacpp, pytest.mark.slow]
 
+# The stages that call the LLM, and what they read (not the map, the page or the evaluation).
+LLM_STAGES = {
+    "raw_conversations",
+    "conversation_summaries",
+    "extracted_properties",
+    "summary_embeddings",
+    "base_clusters",
+    "meta_clusters",
+}
+
 
 def test_local_llamacpp_backend_runs_summaries_naming_and_a_hierarchy_step(tmp_path):
     write_jsonl(make_conversations(per_topic=2)[:6], tmp_path / "few.jsonl")
@@ -30,7 +40,7 @@ def test_local_llamacpp_backend_runs_summaries_naming_and_a_hierarchy_step(tmp_p
     with instance_for_test() as instance:
         instance.add_dynamic_partitions("datasets", ["few"])
         result = materialize(
-            ALL_ASSETS[:-1],  # everything but the map
+            [a for a in ALL_ASSETS if a.key.to_user_string() in LLM_STAGES],
             partition_key="few",
             instance=instance,
             run_config={
@@ -71,6 +81,7 @@ def test_local_llamacpp_backend_runs_summaries_naming_and_a_hierarchy_step(tmp_p
     assert base["name"].str.len_chars().min() > 0
 
     tree = pl.read_parquet(tmp_path / "data" / "meta_clusters" / "few.parquet")
-    assert tree.filter(pl.col("parent_id").is_null()).height == 1  # one Clio step: all under one parent
-    assert tree["level"].max() == 1
+    # Clio's steps ran until the top level has one cluster (one step or more, as the model chose).
+    assert tree.filter(pl.col("parent_id").is_null()).height == 1
+    assert tree["level"].max() >= 1
     assert metadata("meta_clusters")["llm_calls"] >= base.height  # proposals, assignments, renaming
