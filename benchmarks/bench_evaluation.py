@@ -203,7 +203,9 @@ def baseline_rows(workdir: Path, bertopic_python: str | None) -> tuple[list[dict
         reduced = umap.UMAP(
             n_neighbors=15, n_components=5, min_dist=0.0, metric="cosine", random_state=42
         ).fit_transform(embeddings)
-        assignment = HDBSCAN(min_cluster_size=10, metric="euclidean", cluster_selection_method="eom")
+        assignment = HDBSCAN(
+            min_cluster_size=10, metric="euclidean", cluster_selection_method="eom", copy=True
+        )
         add("BERTopic's steps (UMAP 5-d + HDBSCAN)", assignment.fit_predict(reduced).tolist())
         how = "BERTopic's algorithm steps (UMAP 5-d cosine, sklearn HDBSCAN min_cluster_size=10)"
     return rows, how
