@@ -16,6 +16,7 @@ from kura_pipeline.core.frames import frame_to_clusters
 from kura_pipeline.core.render.tree import render_tree
 from kura_pipeline.partitions import datasets_partitions
 from kura_pipeline.resources.io_manager import stage_path
+from kura_pipeline.sensors import unregistered_datasets
 
 DEFAULT_DAGSTER_HOME = ".dagster_home"
 
@@ -35,8 +36,7 @@ def register_datasets(instance: DagsterInstance) -> list[str]:
     from kura_pipeline.definitions import defs
 
     registry = defs.resources["registry"]
-    known = set(instance.get_dynamic_partitions(datasets_partitions.name))
-    new = sorted(set(registry.datasets()) - known)  # type: ignore[attr-defined]
+    new = unregistered_datasets(registry, instance.get_dynamic_partitions(datasets_partitions.name))  # type: ignore[arg-type]
     if new:
         instance.add_dynamic_partitions(datasets_partitions.name, new)
     return new

@@ -34,6 +34,7 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from kura_pipeline.core.models import Cluster
+from kura_pipeline.core.project import cluster_path_per_conversation
 
 DEFAULT_MAJORITY_SHARE = 0.9
 
@@ -139,21 +140,11 @@ def cluster_at_levels(clusters: Sequence[Cluster]) -> dict[str, list[str]]:
 
     A conversation whose branch stops below the top level keeps its highest cluster at the
     levels above, so every level is a partition of every clustered conversation."""
-    by_id = {c.id: c for c in clusters}
     depth = max((c.level for c in clusters), default=-1) + 1
-    paths: dict[str, list[str]] = {}
-    for cluster in clusters:
-        if cluster.level != 0:
-            continue
-        chain = [cluster.id]
-        parent = cluster.parent_id
-        while parent is not None and parent in by_id:
-            chain.append(parent)
-            parent = by_id[parent].parent_id
-        chain += [chain[-1]] * (depth - len(chain))
-        for chat in cluster.chat_ids:
-            paths[chat] = chain
-    return paths
+    return {
+        chat: path + [path[-1]] * (depth - len(path))
+        for chat, path in cluster_path_per_conversation(list(clusters)).items()
+    }
 
 
 def evaluate_hierarchy(

@@ -64,7 +64,7 @@ def cluster_path_per_conversation(clusters: list[Cluster]) -> dict[str, list[str
             continue
         path = [cluster.id]
         parent = cluster.parent_id
-        while parent is not None:
+        while parent is not None and parent in by_id:  # a dangling parent ends the path
             path.append(parent)
             parent = by_id[parent].parent_id
         for chat in cluster.chat_ids:
