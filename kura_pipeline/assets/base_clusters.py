@@ -30,7 +30,7 @@ class BaseClustersConfig(Config):
     keep_identity: bool = True  # start from the last run's clusters and keep their ids and names
 
 
-@asset(partitions_def=datasets_partitions, group_name="kura", kinds={"polars", "parquet"})
+@asset(partitions_def=datasets_partitions, group_name="kura", kinds={"polars", "parquet"}, pool="llm")
 def base_clusters(
     context: AssetExecutionContext,
     config: BaseClustersConfig,

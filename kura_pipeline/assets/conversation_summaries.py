@@ -22,6 +22,7 @@ from kura_pipeline.resources.llm import LLMResource
     partitions_def=datasets_partitions,
     group_name="kura",
     kinds={"polars", "parquet"},
+    pool="llm",
     check_specs=[AssetCheckSpec("every_conversation_summarised", asset="conversation_summaries")],
 )
 def conversation_summaries(

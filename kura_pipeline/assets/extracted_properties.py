@@ -15,7 +15,7 @@ class ExtractorsConfig(Config):
     extractors: list[str] = ["message_count", "user_turns", "conversation_characters"]
 
 
-@asset(partitions_def=datasets_partitions, group_name="kura", kinds={"polars", "parquet"})
+@asset(partitions_def=datasets_partitions, group_name="kura", kinds={"polars", "parquet"}, pool="llm")
 def extracted_properties(
     context: AssetExecutionContext,
     config: ExtractorsConfig,

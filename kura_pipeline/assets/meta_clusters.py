@@ -43,6 +43,7 @@ class MetaClustersConfig(Config):
     partitions_def=datasets_partitions,
     group_name="kura",
     kinds={"polars", "parquet"},
+    pool="llm",
     check_specs=[AssetCheckSpec("hierarchy_is_consistent", asset="meta_clusters")],
 )
 def meta_clusters(
