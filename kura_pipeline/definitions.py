@@ -3,7 +3,9 @@
 Configuration comes from the environment in this one place (see the README):
 KURA_DATA_DIR (where Parquet goes; a local folder or an fsspec URL), KURA_DATASETS (the
 registry file), KURA_LLM_BASE_URL / KURA_LLM_MODEL / OPENAI_API_KEY (switch the LLM on),
-KURA_LLM_LOCAL_MODEL (a local GGUF through llama.cpp instead), KURA_EMBEDDINGS_MODEL (with an
+KURA_LLM_LOCAL_MODEL (a local GGUF through llama.cpp instead), KURA_LLM_REQUESTS_PER_MINUTE /
+KURA_LLM_TOKENS_PER_MINUTE / KURA_LLM_INPUT_PRICE / KURA_LLM_OUTPUT_PRICE (limits and prices per
+million tokens), KURA_LLM_CLIENTS (a YAML file of named clients), KURA_EMBEDDINGS_MODEL (with an
 endpoint, embed there too).
 """
 
@@ -18,7 +20,7 @@ from kura_pipeline.assets.explorer import HtmlIOManager
 from kura_pipeline.partitions import datasets_partitions
 from kura_pipeline.resources.embedder import EmbedderResource
 from kura_pipeline.resources.io_manager import ParquetIOManager, StageReader
-from kura_pipeline.resources.llm import LLMResource
+from kura_pipeline.resources.llm import LLMResource, clients_from_file
 from kura_pipeline.resources.privacy import PrivacyPolicy
 from kura_pipeline.resources.registry import DEFAULT_REGISTRY, DatasetRegistry
 from kura_pipeline.schedules import recluster_schedule
@@ -43,6 +45,16 @@ def _secret(name: str) -> str | EnvVar | None:
     return EnvVar(name) if os.getenv(name) else None
 
 
+def _number(name: str, kind: type[int] | type[float]) -> int | float | None:
+    value = os.getenv(name)
+    if not value:
+        return None
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not a {kind.__name__}") from None
+
+
 def build_resources() -> dict[str, object]:
     llm_model = os.getenv("KURA_LLM_MODEL")
     llm_base_url = os.getenv("KURA_LLM_BASE_URL")
@@ -62,6 +74,11 @@ def build_resources() -> dict[str, object]:
             model=llm_model or "gpt-4o-mini",
             api_key=_secret("OPENAI_API_KEY"),
             max_concurrency=int(os.getenv("KURA_LLM_MAX_CONCURRENCY", "8")),
+            requests_per_minute=_number("KURA_LLM_REQUESTS_PER_MINUTE", int),
+            tokens_per_minute=_number("KURA_LLM_TOKENS_PER_MINUTE", int),
+            input_price_per_million=_number("KURA_LLM_INPUT_PRICE", float),
+            output_price_per_million=_number("KURA_LLM_OUTPUT_PRICE", float),
+            **(clients_from_file(os.environ["KURA_LLM_CLIENTS"]) if os.getenv("KURA_LLM_CLIENTS") else {}),
             cache_path=os.getenv("KURA_LLM_CACHE", ".kura_cache/llm_responses.sqlite3"),
             local_model=local_model or "smollm2-135m",
         ),

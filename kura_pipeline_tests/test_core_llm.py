@@ -26,6 +26,8 @@ from kura_pipeline.core.llm import (
     LLMClient,
     LLMSettings,
     describe,
+    estimate_tokens,
+    response_schema_text,
 )
 from kura_pipeline.core.llm_cache import ResponseCache
 from kura_pipeline.core.models import Conversation, Message
@@ -178,6 +180,22 @@ def test_configured_concurrency_is_reached_and_never_exceeded(server):
 # ----- 3. Retry-After -----
 
 
+def test_a_429_with_retry_after_pauses_every_request_of_the_client(server):
+    """The endpoint's limit is shared: after its 429 says "wait 1 s", no request of this client
+    starts before then, not only the one that was refused."""
+    server.faults.set(latency=0.05, retry_after=1.0)
+    server.faults.push("ok", "429")
+    client = LLMClient(fast_settings(server, max_concurrency=2, max_backoff_seconds=0.05))
+    label_all(client, 8)
+    calls = sorted(server.stats.calls(), key=lambda call: call["start"])
+    [refused] = [call for call in calls if call["outcome"] == "429"]
+    started_after = [call["start"] for call in calls if call["start"] > refused["end"]]
+    assert len(started_after) >= 6  # the retry and the calls not yet started
+    # Nothing started inside the pause (a little slack for the two clocks' reading).
+    assert min(started_after) >= refused["end"] + 1.0 - 0.05
+    assert client.stats.retries == 1 and client.stats.failures == 0
+
+
 # ----- 4. the cache -----
 
 
@@ -254,12 +272,52 @@ class Label(BaseModel):
 LABEL_PROMPT = Prompt(name="label", version="1", system="Label the text.", user_template="{text}")
 
 
+def label_messages(count: int) -> list[list[dict[str, str]]]:
+    return [LABEL_PROMPT.messages(text=f"text number {i:03d}") for i in range(count)]
+
+
 def label_all(client: LLMClient, count: int) -> None:
     async def run() -> list[Any]:
-        messages = [LABEL_PROMPT.messages(text=f"text number {i:03d}") for i in range(count)]
-        return await client.gather([client.complete(LABEL_PROMPT, m, Label) for m in messages], "labels")
+        calls = [client.complete(LABEL_PROMPT, m, Label) for m in label_messages(count)]
+        return await client.gather(calls, "labels")
 
     assert all(isinstance(r, Label) for r in asyncio.run(run()))
+
+
+def assert_within_budget(starts: list[float], costs: list[float], burst: float, per_second: float) -> None:
+    """A leaky bucket's promise: what starts within any stretch of time fits the burst plus what
+    drained meanwhile (slack: one request, and 50 ms of clock and scheduling)."""
+    for first in range(len(starts)):
+        for last in range(first, len(starts)):
+            spent = sum(costs[first : last + 1])
+            allowed = burst + per_second * (starts[last] - starts[first] + 0.05) + max(costs)
+            assert spent <= allowed, (first, last, spent, allowed)
+
+
+def test_requests_per_minute_are_spread_and_never_exceeded(server):
+    client = LLMClient(fast_settings(server, requests_per_minute=120))  # two a second
+    label_all(client, 9)
+    starts = request_times(server)
+    assert len(starts) == 9
+    assert_within_budget(starts, [1.0] * 9, burst=2, per_second=2)
+    assert starts[-1] - starts[0] >= (9 - 2) / 2 - 0.2  # the limit was what slowed the calls
+
+
+def test_tokens_per_minute_are_never_exceeded_and_long_replies_are_settled(server):
+    per_minute = 4800  # 800 a step of ten seconds, 80 a second
+    settings = fast_settings(server, tokens_per_minute=per_minute, max_output_tokens=40)
+    client = LLMClient(settings)
+    label_all(client, 16)
+    estimate = estimate_tokens(label_messages(1)[0], response_schema_text(Label), 40)
+    assert 40 < estimate < 200  # the test's premise: a handful fit a step, not all sixteen
+    calls = sorted(server.stats.calls(), key=lambda call: call["start"])
+    used = [max(estimate, call["prompt_tokens"] + call["completion_tokens"]) for call in calls]
+    starts = [call["start"] for call in calls]
+    assert_within_budget(starts, used, burst=per_minute / 6, per_second=per_minute / 60)
+    assert starts[-1] - starts[0] >= (sum(used) - per_minute / 6 - max(used)) / (per_minute / 60)
+    # Accounting is the endpoint's own count of tokens.
+    assert client.stats.input_tokens == sum(call["prompt_tokens"] for call in calls)
+    assert client.stats.output_tokens == sum(call["completion_tokens"] for call in calls)
 
 
 def test_without_limits_the_same_calls_go_at_once(server):
@@ -269,6 +327,26 @@ def test_without_limits_the_same_calls_go_at_once(server):
 
 
 # ----- 7. cost -----
+
+
+def test_cost_is_the_tokens_at_the_users_prices_and_cache_hits_cost_nothing(server, tmp_path):
+    settings = fast_settings(server, input_price_per_million=0.15, output_price_per_million=0.60)
+    server.faults.push("truncated")  # a reply that did not validate is billed too
+    with ResponseCache(tmp_path / "cache.sqlite3") as cache:
+        client = LLMClient(settings, cache=cache)
+        summarise(make_conversations(5), client)
+        calls = server.stats.calls()
+        sent = sum(call["prompt_tokens"] for call in calls)
+        received = sum(call["completion_tokens"] for call in calls)
+        metadata = client.metadata()
+        assert len(calls) == 6 and sent > 0 and received > 0
+        assert (metadata["llm_input_tokens"], metadata["llm_output_tokens"]) == (sent, received)
+        assert metadata["llm_cost_usd"] == pytest.approx((sent * 0.15 + received * 0.60) / 1e6, abs=1e-6)
+
+        again = LLMClient(settings, cache=cache)
+        summarise(make_conversations(5), again)
+        assert again.metadata()["llm_cache_hits"] == 5 and again.metadata()["llm_cost_usd"] == 0
+    assert "llm_cost_usd" not in LLMClient(fast_settings(server)).metadata()  # no prices, no cost
 
 
 # ----- 8. the API key stays secret -----

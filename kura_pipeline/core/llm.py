@@ -5,6 +5,7 @@ a persistent cache and accounting. No Dagster here: the resource builds one of t
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -18,7 +19,7 @@ from instructor.core import InstructorRetryException
 from pydantic import BaseModel, ValidationError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
-from kura_pipeline.core.llm_cache import ResponseCache, cache_key
+from kura_pipeline.core.llm_cache import ResponseCache, cache_key_with_schema_text, schema_text
 from kura_pipeline.core.prompts import Prompt
 
 T = TypeVar("T", bound=BaseModel)
@@ -31,14 +32,26 @@ MODES = {
 }
 
 
+# A reply's size is unknown until it arrives: the tokens-per-minute budget reserves this much
+# for it (or `max_output_tokens` when set), and settles the difference once usage is known.
+DEFAULT_OUTPUT_TOKEN_ESTIMATE = 400
+# Roughly four characters a token for English text and JSON; only used for the reservation.
+CHARS_PER_TOKEN = 4
+
+
 @dataclass(frozen=True)
 class LLMSettings:
     model: str
     base_url: str | None = None
     api_key: str = "not-needed"
     mode: str = "json_schema"
+    name: str = "default"
     max_concurrency: int = 8
     requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    max_output_tokens: int | None = None
+    input_price_per_million: float | None = None
+    output_price_per_million: float | None = None
     timeout_seconds: float = 120.0
     max_attempts: int = 4
     backoff_seconds: float = 1.0
@@ -47,7 +60,14 @@ class LLMSettings:
     extra_body: dict[str, Any] | None = None
 
     def __repr__(self) -> str:  # never print the key
-        return f"LLMSettings(model={self.model!r}, base_url={self.base_url!r}, mode={self.mode!r})"
+        return (
+            f"LLMSettings(name={self.name!r}, model={self.model!r}, base_url={self.base_url!r}, "
+            f"mode={self.mode!r})"
+        )
+
+    @property
+    def priced(self) -> bool:
+        return self.input_price_per_million is not None or self.output_price_per_million is not None
 
 
 @dataclass(frozen=True)
@@ -66,6 +86,13 @@ class LLMStats:
     input_tokens: int = 0
     output_tokens: int = 0
     failure_reasons: dict[str, int] = field(default_factory=dict)
+
+    def cost(self, settings: LLMSettings) -> float:
+        """What the tokens sent and received cost at the prices the user gave (cache hits are free)."""
+        return (
+            self.input_tokens * (settings.input_price_per_million or 0.0)
+            + self.output_tokens * (settings.output_price_per_million or 0.0)
+        ) / 1_000_000
 
     def as_metadata(self) -> dict[str, int]:
         return {
@@ -109,6 +136,31 @@ def retry_after_seconds(error: BaseException) -> float | None:
         return None
 
 
+def usage_of(error: BaseException) -> tuple[int, int]:
+    """Tokens an attempt that failed after the model answered still cost (a reply that did not
+    validate is billed like any other)."""
+    while error is not None:
+        if isinstance(error, InstructorRetryException):
+            usage = error.total_usage
+            if usage is not None and not isinstance(usage, int):
+                return (getattr(usage, "prompt_tokens", 0) or 0, getattr(usage, "completion_tokens", 0) or 0)
+        error = error.__cause__  # type: ignore[assignment]
+    return (0, 0)
+
+
+@functools.cache
+def instructor_model(response_model: type[T]) -> type[T]:
+    """instructor's wrapper class for a response model, made once: instructor builds it on every
+    call otherwise (pydantic `create_model`, ~7 ms of CPU each, the engine's largest cost)."""
+    return instructor.response_schema(response_model)
+
+
+@functools.cache
+def response_schema_text(response_model: type[BaseModel]) -> str:
+    """The response schema as the cache key serialises it, once per model."""
+    return schema_text(response_model.model_json_schema())
+
+
 def describe(error: BaseException) -> str:
     error = _root_cause(error)
     if isinstance(error, openai.APIStatusError):
@@ -122,8 +174,35 @@ def describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {str(error)[:200]}"
 
 
+def estimate_tokens(messages: list[dict[str, str]], schema: str, max_output_tokens: int | None) -> int:
+    """What a request is expected to use, reserved from the tokens-per-minute budget before it
+    is sent: its messages and response schema at ~4 characters a token, plus the reply's limit."""
+    prompt = (sum(len(m.get("content") or "") for m in messages) + len(schema)) // CHARS_PER_TOKEN
+    return prompt + (max_output_tokens or DEFAULT_OUTPUT_TOKEN_ESTIMATE)
+
+
+def request_limiter(per_minute: int) -> AsyncLimiter:
+    """Requests per minute, spread out: a burst of at most one second's share (at least one), so
+    a run does not spend a minute's budget in its first instant and then stall (endpoints often
+    enforce their per-minute limits over shorter windows)."""
+    burst = max(1.0, per_minute / 60)
+    return AsyncLimiter(burst, 60 * burst / per_minute)
+
+
+def token_limiter(per_minute: int) -> AsyncLimiter:
+    """Tokens per minute in ten-second steps: a request reserves its expected tokens; one larger
+    than a step's share is charged a whole step, so it waits its turn but is never stuck."""
+    return AsyncLimiter(per_minute / 6, 10)
+
+
 class LLMClient:
-    """One named client: its endpoint, its limits, its cache and its own accounting."""
+    """One named client: its endpoint, its limits, its cache and its own accounting.
+
+    Limits: at most `max_concurrency` requests in flight, `requests_per_minute` and
+    `tokens_per_minute` (leaky buckets; a request reserves its prompt plus the expected reply and
+    settles the difference when the usage comes back), and a shared pause: when the endpoint
+    answers 429 with Retry-After, no request of this client starts before that time.
+    """
 
     def __init__(
         self,
@@ -136,9 +215,18 @@ class LLMClient:
         self.stats = LLMStats()
         self.log = log or (lambda message: None)
         self._semaphore: asyncio.Semaphore | None = None
-        self._limiter: AsyncLimiter | None = None
+        self._request_limiter: AsyncLimiter | None = None
+        self._token_limiter: AsyncLimiter | None = None
         self._client: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._resume_at = 0.0  # monotonic time before which no request starts (Retry-After)
+
+    def __repr__(self) -> str:
+        return f"LLMClient({self.settings!r})"
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
 
     # The asyncio objects belong to one event loop: build them inside it, anew for a new loop
     # (each asset step runs its own `asyncio.run`).
@@ -148,7 +236,9 @@ class LLMClient:
             self._loop = loop
             self._semaphore = asyncio.Semaphore(self.settings.max_concurrency)
             if self.settings.requests_per_minute:
-                self._limiter = AsyncLimiter(self.settings.requests_per_minute, 60)
+                self._request_limiter = request_limiter(self.settings.requests_per_minute)
+            if self.settings.tokens_per_minute:
+                self._token_limiter = token_limiter(self.settings.tokens_per_minute)
             raw = openai.AsyncOpenAI(
                 base_url=self.settings.base_url,
                 api_key=self.settings.api_key,
@@ -163,6 +253,14 @@ class LLMClient:
         assert self._semaphore is not None
         return self._semaphore
 
+    def metadata(self) -> dict[str, Any]:
+        """The accounting for asset metadata: calls, cache hits, retries, failures, tokens, and
+        the cost where the user gave prices."""
+        values: dict[str, Any] = self.stats.as_metadata()
+        if self.settings.priced:
+            values["llm_cost_usd"] = round(self.stats.cost(self.settings), 6)
+        return values
+
     def _wait(self, state: RetryCallState) -> float:
         backoff = min(
             self.settings.max_backoff_seconds,
@@ -171,23 +269,28 @@ class LLMClient:
         backoff = random.uniform(backoff / 2, backoff)  # jitter spreads a 429 storm out
         error = state.outcome.exception() if state.outcome else None
         server_says = retry_after_seconds(error) if error else None
+        if server_says:
+            # The endpoint's limit is shared: every request of this client waits, not only this one.
+            self._resume_at = max(self._resume_at, time.monotonic() + server_says)
         return max(backoff, server_says or 0.0)
 
     def _count_retry(self, state: RetryCallState) -> None:
         self.stats.retries += 1
         error = state.outcome.exception() if state.outcome else None
         if error is not None:
-            self.log(f"retrying after {describe(error)} (attempt {state.attempt_number})")
+            self.log(f"{self.name}: retrying after {describe(error)} (attempt {state.attempt_number})")
 
     async def complete(
         self, prompt: Prompt, messages: list[dict[str, str]], response_model: type[T]
     ) -> T | LLMFailure:
         """One structured call, answered from the cache when it was paid for before."""
         self._ensure_loop_state()
-        key = cache_key(self.settings.model, prompt.key, messages, response_model.model_json_schema())
+        schema = response_schema_text(response_model)
+        key = cache_key_with_schema_text(self.settings.model, prompt.key, messages, schema)
         if self.cache is not None and (cached := self.cache.get(key)) is not None:
             self.stats.cache_hits += 1
             return response_model.model_validate_json(cached)
+        estimate = estimate_tokens(messages, schema, self.settings.max_output_tokens)
         try:
             async for attempt in AsyncRetrying(
                 stop=stop_after_attempt(self.settings.max_attempts),
@@ -197,7 +300,7 @@ class LLMClient:
                 reraise=True,
             ):
                 with attempt:
-                    result = await self._call(messages, response_model)
+                    result = await self._call(messages, response_model, estimate)
         except Exception as error:  # noqa: BLE001 - every failure is recorded, none is lost
             self.stats.failures += 1
             reason = describe(error)
@@ -207,39 +310,69 @@ class LLMClient:
             self.cache.put(key, prompt.key, result.model_dump_json())
         return result
 
-    async def _call(self, messages: list[dict[str, str]], response_model: type[T]) -> T:
+    async def _pause_if_asked(self) -> None:
+        while (pause := self._resume_at - time.monotonic()) > 0:
+            await asyncio.sleep(pause)
+
+    async def _call(self, messages: list[dict[str, str]], response_model: type[T], estimate: int) -> T:
         assert self._semaphore is not None
-        if self._limiter is not None:
-            await self._limiter.acquire()
+        await self._pause_if_asked()
+        if self._request_limiter is not None:
+            await self._request_limiter.acquire()
+        if self._token_limiter is not None:
+            estimate = min(estimate, int(self._token_limiter.max_rate))
+            await self._token_limiter.acquire(estimate)
         async with self._semaphore:
+            await self._pause_if_asked()  # a 429 may have come while this request queued
             self.stats.calls += 1
             kwargs: dict[str, Any] = {}
             if self.settings.extra_body:
                 kwargs["extra_body"] = self.settings.extra_body
-            result, completion = await self._client.chat.completions.create_with_completion(
-                model=self.settings.model,
-                messages=messages,
-                response_model=response_model,
-                temperature=self.settings.temperature,
-                max_retries=0,
-                **kwargs,
-            )
+            if self.settings.max_output_tokens:
+                kwargs["max_tokens"] = self.settings.max_output_tokens
+            try:
+                result, completion = await self._client.chat.completions.create_with_completion(
+                    model=self.settings.model,
+                    messages=messages,
+                    response_model=instructor_model(response_model),
+                    temperature=self.settings.temperature,
+                    max_retries=0,
+                    **kwargs,
+                )
+            except Exception as error:
+                sent, received = usage_of(error)
+                self.stats.input_tokens += sent
+                self.stats.output_tokens += received
+                raise
         usage = getattr(completion, "usage", None)
+        used = 0
         if usage is not None:
             self.stats.input_tokens += usage.prompt_tokens or 0
             self.stats.output_tokens += usage.completion_tokens or 0
+            used = (usage.prompt_tokens or 0) + (usage.completion_tokens or 0)
+        if self._token_limiter is not None and used > estimate:
+            # The reply was longer than reserved: take the rest from the bucket, so the next
+            # requests wait for it.
+            await self._token_limiter.acquire(min(used - estimate, int(self._token_limiter.max_rate)))
         return result
 
     async def gather(self, calls: Sequence[Awaitable[Any]], label: str) -> list[Any]:
-        """Run calls concurrently (the semaphore bounds them), logging progress with an ETA."""
+        """Run calls concurrently (the semaphore bounds them), logging progress with an ETA.
+
+        Only a window of calls (twice the concurrency) is started at a time: each call prepares
+        its request (prompt, cache key, cache lookup) when it starts, and starting thousands at
+        once would hold back the first requests until every one of them had been prepared.
+        """
         total = len(calls)
         done = 0
         started = time.monotonic()
         last_report = started
+        window = asyncio.Semaphore(max(2 * self.settings.max_concurrency, 4))
 
         async def tracked(call: Awaitable[Any]) -> Any:
             nonlocal done, last_report
-            result = await call
+            async with window:
+                result = await call
             done += 1
             now = time.monotonic()
             if now - last_report >= 5 or done == total:
@@ -250,3 +383,16 @@ class LLMClient:
             return result
 
         return list(await asyncio.gather(*(tracked(call) for call in calls)))
+
+
+def combined_metadata(clients: Sequence[LLMClient]) -> dict[str, Any]:
+    """One stage's accounting over the named clients it used: totals, and each client's own."""
+    if len(clients) == 1:
+        return clients[0].metadata()
+    totals: dict[str, Any] = {}
+    for client in clients:
+        for key, value in client.metadata().items():
+            totals[key] = totals.get(key, 0) + value
+    if clients:
+        totals["llm_clients"] = {client.name: client.metadata() for client in clients}
+    return totals

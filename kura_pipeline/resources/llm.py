@@ -4,16 +4,41 @@ server with a GGUF model, when configured."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from dagster import ConfigurableResource, InitResourceContext
+from dagster import Config, ConfigurableResource, InitResourceContext
 from pydantic import PrivateAttr
 
 from kura_pipeline.core.llm import LLMClient, LLMSettings
 from kura_pipeline.core.llm_cache import ResponseCache
 from kura_pipeline.core.prompts import DEFAULT_CONVERSATION_CHAR_BUDGET
+
+Mode = Literal["json_schema", "tools", "json", "md_json"]
+DEFAULT_CLIENT = "default"
+
+
+class NamedLLMClient(Config):
+    """Another OpenAI-compatible endpoint, with limits and prices of its own (Kura's named
+    `clients`): a cheap model for extractors, a strong one for cluster names, a second key's quota.
+    The key is read from the environment variable `api_key_env` when the client is built, so it
+    never sits in run config, the UI or logs."""
+
+    model: str
+    base_url: str | None = None
+    api_key_env: str | None = None
+    mode: Mode = "json_schema"
+    max_concurrency: int = 8
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    max_output_tokens: int | None = None
+    input_price_per_million: float | None = None
+    output_price_per_million: float | None = None
+    timeout_seconds: float = 120.0
+    max_attempts: int = 4
+    temperature: float = 0.0
 
 
 class LLMResource(ConfigurableResource):
@@ -23,6 +48,14 @@ class LLMResource(ConfigurableResource):
     `local_model`: a catalogue name (smollm2-135m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b) or
     the path of your own GGUF file. Same code path as a remote endpoint.
 
+    The fields below `backend` describe the `default` client; `clients` adds named ones, and
+    `summary_client` / `cluster_client` say which client summarises and which names clusters,
+    builds the hierarchy and audits it. Extractors receive every client by name.
+
+    Limits are per client and per process: `max_concurrency` requests in flight,
+    `requests_per_minute`, `tokens_per_minute`. With prices (per million tokens), each stage's
+    metadata has `llm_cost_usd`.
+
     The API key belongs in the environment (Dagster `EnvVar`); it is never logged or stored.
     """
 
@@ -30,9 +63,16 @@ class LLMResource(ConfigurableResource):
     base_url: str | None = None
     model: str = "gpt-4o-mini"
     api_key: str | None = None
-    mode: Literal["json_schema", "tools", "json", "md_json"] = "json_schema"
+    mode: Mode = "json_schema"
     max_concurrency: int = 8
     requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    max_output_tokens: int | None = None
+    input_price_per_million: float | None = None
+    output_price_per_million: float | None = None
+    clients: dict[str, NamedLLMClient] = {}
+    summary_client: str = DEFAULT_CLIENT
+    cluster_client: str = DEFAULT_CLIENT
     timeout_seconds: float = 120.0
     max_attempts: int = 4
     temperature: float = 0.0
@@ -81,7 +121,33 @@ class LLMResource(ConfigurableResource):
             return min(self.conversation_char_budget, self._local.char_budget)
         return self.conversation_char_budget
 
-    def client(self, log: Callable[[str], None] | None = None) -> LLMClient:
+    @property
+    def client_names(self) -> list[str]:
+        return [DEFAULT_CLIENT, *self.clients]
+
+    def client(self, name: str = DEFAULT_CLIENT, log: Callable[[str], None] | None = None) -> LLMClient:
+        """The named client (`default` is the one this resource's own fields describe)."""
+        cache = ResponseCache(Path(self.cache_path)) if self.cache_path else None
+        if name == DEFAULT_CLIENT:
+            return LLMClient(self._default_settings(), cache=cache, log=log)
+        if name not in self.clients:
+            raise ValueError(f"no LLM client named {name!r}: the clients are {', '.join(self.client_names)}")
+        named = self.clients[name]
+        api_key = os.getenv(named.api_key_env) if named.api_key_env else None
+        if named.api_key_env and not api_key:
+            raise ValueError(f"LLM client {name!r}: the environment variable {named.api_key_env} is not set")
+        settings = LLMSettings(
+            name=name,
+            api_key=api_key or "not-needed",
+            **named.model_dump(exclude={"api_key_env"}),
+        )
+        return LLMClient(settings, cache=cache, log=log)
+
+    def all_clients(self, log: Callable[[str], None] | None = None) -> dict[str, LLMClient]:
+        """Every client by name, as extractors receive them."""
+        return {name: self.client(name, log=log) for name in self.client_names}
+
+    def _default_settings(self) -> LLMSettings:
         extra_body: dict[str, Any] = json.loads(self.extra_body_json) if self.extra_body_json else {}
         base_url, model, concurrency = self.base_url, self.model, self.max_concurrency
         if self.backend == "local":
@@ -90,17 +156,44 @@ class LLMResource(ConfigurableResource):
             base_url, model = self._server.base_url, self._local.alias
             extra_body = {**self._local.extra_body, **extra_body}
             concurrency = 1  # one llama.cpp slot: more would only queue at the server
-        settings = LLMSettings(
+        return LLMSettings(
             model=model,
             base_url=base_url,
             api_key=self.api_key or "not-needed",
             mode=self.mode,
             max_concurrency=concurrency,
             requests_per_minute=self.requests_per_minute,
+            tokens_per_minute=self.tokens_per_minute,
+            max_output_tokens=self.max_output_tokens,
+            input_price_per_million=self.input_price_per_million,
+            output_price_per_million=self.output_price_per_million,
             timeout_seconds=self.timeout_seconds,
             max_attempts=self.max_attempts,
             temperature=self.temperature,
             extra_body=extra_body or None,
         )
-        cache = ResponseCache(Path(self.cache_path)) if self.cache_path else None
-        return LLMClient(settings, cache=cache, log=log)
+
+
+def clients_from_file(path: str | Path) -> dict[str, Any]:
+    """`clients`, `summary_client` and `cluster_client` from a YAML file (KURA_LLM_CLIENTS)::
+
+        clients:
+          cheap: {model: gpt-4o-mini, api_key_env: OPENAI_API_KEY, tokens_per_minute: 200000}
+        summary_client: cheap
+    """
+    import yaml
+
+    try:
+        document = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise ValueError(f"cannot read the LLM clients file {path}: {error}") from error
+    unknown = set(document) - {"clients", "summary_client", "cluster_client"}
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
+    clients = {name: NamedLLMClient(**values) for name, values in (document.get("clients") or {}).items()}
+    known = {DEFAULT_CLIENT, *clients}
+    for role in ("summary_client", "cluster_client"):
+        if document.get(role, DEFAULT_CLIENT) not in known:
+            raise ValueError(f"{path}: {role} {document[role]!r} is none of the clients {sorted(known)}")
+    roles = {role: document[role] for role in ("summary_client", "cluster_client") if role in document}
+    return {"clients": clients, **roles}
