@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import instructor
 import openai
+import openai.resources.chat  # noqa: F401 - imported lazily on first use otherwise: 1-2 s inside a stage
 from aiolimiter import AsyncLimiter
 from instructor.core import InstructorRetryException
 from pydantic import BaseModel, ValidationError
