@@ -23,8 +23,8 @@ Run (from the repository root, in the project's environment):
     python benchmarks/bench_scale.py --sizes 1000 10000 100000 --workdir /tmp/kura_scale
     python benchmarks/bench_scale.py --workdir /tmp/kura_scale --report   # the tables again
 
-`--proposed` runs the stages with the changes proposed in SCALE.md patched in (the functions
-`proposed_*` below), to measure them before they are made in the project's files.
+`--label NAME` tags the results (default "current"), so a later run of changed code can be
+reported next to an earlier one from the same workdir.
 """
 
 from __future__ import annotations
@@ -134,8 +134,6 @@ def synthesise_embeddings(workdir: Path, data_dir: Path, n: int, source_n: int) 
 
     from kura_pipeline.core.frames import embeddings_to_frame, frame_to_embeddings
 
-    # The real embeddings always come from the run of the current code (the proposals change
-    # nothing before clustering).
     real_ids, real = frame_to_embeddings(
         pl.read_parquet(workdir / "data" / "summary_embeddings" / f"{dataset_name(source_n)}.parquet")
     )
@@ -166,413 +164,11 @@ def synthesise_embeddings(workdir: Path, data_dir: Path, n: int, source_n: int) 
 
 
 # ---------------------------------------------------------------------------------------------
-# Proposed changes (for files this benchmark does not own); patched in with --proposed
-# ---------------------------------------------------------------------------------------------
-
-
-def proposed_distinctive_terms(documents_per_group: list[list[str]], top_n: int = 6) -> list[list[str]]:
-    """naming.distinctive_terms without the dense (groups x vocabulary) matrix: the same scores,
-    computed on the sparse counts, each group's best terms taken from its own non-zeros."""
-    from sklearn.feature_extraction.text import CountVectorizer
-
-    from kura_pipeline.core.naming import STOP_WORDS
-
-    joined = [" ".join(docs) for docs in documents_per_group]
-    if not any(text.strip() for text in joined):
-        return [[] for _ in joined]
-    vectorizer = CountVectorizer(
-        stop_words=STOP_WORDS, token_pattern=r"(?u)\b[a-zA-Z][a-zA-Z0-9+#]{2,}\b", ngram_range=(1, 2)
-    )
-    try:
-        counts = vectorizer.fit_transform(joined).astype(np.float64).tocsr()
-    except ValueError:
-        return [[] for _ in joined]
-    terms = vectorizer.get_feature_names_out()
-    row_sums = np.asarray(counts.sum(axis=1)).ravel()
-    average_words = counts.sum() / len(joined)
-    idf = np.log(1 + average_words / np.maximum(np.asarray(counts.sum(axis=0)).ravel(), 1))
-    result: list[list[str]] = []
-    for g in range(counts.shape[0]):
-        start, end = counts.indptr[g], counts.indptr[g + 1]
-        columns = counts.indices[start:end]
-        scores = counts.data[start:end] / max(row_sums[g], 1) * idf[columns]
-        picked: list[str] = []
-        # Same order as the dense version: descending score, ties by column index.
-        for index in columns[np.lexsort((columns, -scores))]:
-            if len(picked) == top_n:
-                break
-            term = str(terms[index])
-            if any(term in other or other in term for other in picked):
-                continue
-            picked.append(term)
-        result.append(picked)
-    return result
-
-
-def proposed_base_cluster_groups(
-    embeddings: np.ndarray,
-    k: int,
-    seed: int = 0,
-    inside_limit: int = 25,
-    outside_limit: int = 10,
-    init: np.ndarray | None = None,
-) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
-    """cluster.base_cluster_groups with the same result, without its two O(n * k) loops: members
-    come from one argsort of the labels (not a boolean mask per cluster), and the nearest
-    outsiders of all clusters from one blocked (clusters x points) matrix product, instead of
-    copying the n - m outside rows of the embedding matrix once per cluster."""
-    from kura_pipeline.core.cluster import centroid, kmeans_labels, sample_inside
-
-    labels = kmeans_labels(embeddings, k, seed, init=init)
-    if len(labels) == 0:
-        return [], [], []
-    order = np.argsort(labels, kind="stable")  # stable: members stay in index order, as before
-    bounds = np.searchsorted(labels[order], np.arange(int(labels.max()) + 2))
-    members = [order[bounds[g] : bounds[g + 1]] for g in range(len(bounds) - 1)]
-    centres = np.stack([centroid(embeddings[rows]) for rows in members]).astype(embeddings.dtype)
-    inside = [
-        sample_inside(embeddings, rows, centres[g], inside_limit, seed) for g, rows in enumerate(members)
-    ]
-    outside: list[np.ndarray] = []
-    limit = min(outside_limit, len(embeddings))
-    block = max(1, (64 << 20) // (4 * max(len(embeddings), 1)))  # ~64 MB of similarities at a time
-    for start in range(0, len(members), block):
-        similarity = centres[start : start + block] @ embeddings.T
-        for row, g in enumerate(range(start, min(start + block, len(members)))):
-            sims = similarity[row]
-            sims[members[g]] = -np.inf  # members are not outsiders
-            count = min(limit, len(embeddings) - len(members[g]))
-            if count <= 0:
-                outside.append(members[g][:0])
-                continue
-            best = np.argpartition(-sims, count - 1)[:count]
-            outside.append(best[np.argsort(-sims[best], kind="stable")])
-    return members, inside, outside
-
-
-def proposed_hierarchy_problems(clusters: list[Any], chat_ids: list[str], max_top_clusters: int) -> list[str]:
-    """hierarchy.hierarchy_problems with the children of every cluster found in one pass (it
-    scanned every cluster for each cluster: O(clusters^2))."""
-    from collections import defaultdict
-
-    problems = []
-    base_members = [chat for c in clusters if c.level == 0 for chat in c.chat_ids]
-    if sorted(base_members) != sorted(chat_ids):
-        problems.append("the base clusters do not hold every embedded conversation exactly once")
-    by_id = {c.id: c for c in clusters}
-    children_of: dict[str, list[Any]] = defaultdict(list)
-    for cluster in clusters:
-        if cluster.parent_id is not None:
-            children_of[cluster.parent_id].append(cluster)
-    for cluster in clusters:
-        children = children_of.get(cluster.id, [])
-        if children and sorted(x for c in children for x in c.chat_ids) != sorted(cluster.chat_ids):
-            problems.append(f"cluster {cluster.id} is not the union of its children")
-        if cluster.parent_id is not None and cluster.parent_id not in by_id:
-            problems.append(f"cluster {cluster.id} points to a missing parent {cluster.parent_id}")
-    tops = sum(1 for c in clusters if c.parent_id is None)
-    if clusters and tops > max_top_clusters and max(c.level for c in clusters) > 0:
-        problems.append(f"{tops} top-level clusters, more than max_top_clusters={max_top_clusters}")
-    return problems
-
-
-def proposed_match_lineage(
-    new_members: list[list[str]],
-    new_centroids: np.ndarray,
-    previous: list[Any],
-    embedding_of: dict[str, np.ndarray],
-) -> list[Any]:
-    """identity.match_lineage with the same result in linear time: it rebuilt set(embedding_of)
-    for every earlier cluster (O(k * n)), compared every new cluster with every earlier one
-    (O(k^2) set intersections) and recomputed an earlier cluster's centroid for every pair.
-    Here the earlier clusters a new one overlaps come from an index chat -> earlier clusters,
-    and each earlier centroid is computed once."""
-    from collections import defaultdict
-
-    from kura_pipeline.core.cluster import centroid
-    from kura_pipeline.core.identity import CONTRIBUTION, MIN_CENTROID_COSINE, MIN_JACCARD, Lineage
-
-    embedded = set(embedding_of)
-    known = {chat for cluster in previous for chat in cluster.chat_ids}
-    previous_of = {chat: cluster.id for cluster in previous for chat in cluster.chat_ids}
-    by_id = {cluster.id: cluster for cluster in previous}
-    old_sets = {c.id: set(c.chat_ids) & embedded for c in previous}
-    clusters_of: dict[str, list[str]] = defaultdict(list)
-    for cluster_id, members in old_sets.items():
-        for chat in members:
-            clusters_of[chat].append(cluster_id)
-    old_centroids: dict[str, np.ndarray] = {}
-
-    candidates = []
-    for index, members in enumerate(new_members):
-        old_part = set(members) & known
-        for cluster_id in sorted({cid for chat in old_part for cid in clusters_of.get(chat, [])}):
-            old_members = old_sets[cluster_id]
-            jaccard = len(old_part & old_members) / len(old_part | old_members)
-            if jaccard < MIN_JACCARD:
-                continue  # the cosine cannot rescue it: skip computing it
-            if cluster_id not in old_centroids:
-                old_centroids[cluster_id] = centroid(np.stack([embedding_of[c] for c in old_members]))
-            cosine = float(new_centroids[index] @ old_centroids[cluster_id])
-            if cosine >= MIN_CENTROID_COSINE:
-                candidates.append((jaccard, index, cluster_id))
-    matched: dict[int, str] = {}
-    taken: set[str] = set()
-    for _, index, cluster_id in sorted(candidates, reverse=True):
-        if index not in matched and cluster_id not in taken:
-            matched[index] = cluster_id
-            taken.add(cluster_id)
-
-    lineages = []
-    for index, members in enumerate(new_members):
-        sources = Counter(previous_of[c] for c in members if c in previous_of)
-        contributors = sorted(
-            cid for cid, n in sources.items() if old_sets[cid] and n / len(old_sets[cid]) >= CONTRIBUTION
-        )
-        if index in matched:
-            lineages.append(Lineage(by_id[matched[index]], "kept", [matched[index]]))
-        elif len(contributors) >= 2:
-            lineages.append(Lineage(None, "merged", contributors))
-        elif sources:
-            lineages.append(Lineage(None, "split", sorted(sources)))
-        else:
-            lineages.append(Lineage(None, "new", []))
-    return lineages
-
-
-def _dense_terms_stable(documents_per_group: list[list[str]], top_n: int = 6) -> list[list[str]]:
-    """naming.distinctive_terms as it is, dense, with only its sort made stable (for the check)."""
-    from sklearn.feature_extraction.text import CountVectorizer
-
-    from kura_pipeline.core.naming import STOP_WORDS
-
-    joined = [" ".join(docs) for docs in documents_per_group]
-    vectorizer = CountVectorizer(
-        stop_words=STOP_WORDS, token_pattern=r"(?u)\b[a-zA-Z][a-zA-Z0-9+#]{2,}\b", ngram_range=(1, 2)
-    )
-    counts = vectorizer.fit_transform(joined).toarray().astype(np.float64)
-    terms = vectorizer.get_feature_names_out()
-    term_freq = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    idf = np.log(1 + counts.sum() / len(joined) / np.maximum(counts.sum(axis=0), 1))
-    result = []
-    for row in term_freq * idf:
-        picked: list[str] = []
-        for index in np.argsort(-row, kind="stable"):
-            if row[index] <= 0 or len(picked) == top_n:
-                break
-            term = str(terms[index])
-            if any(term in other or other in term for other in picked):
-                continue
-            picked.append(term)
-        result.append(picked)
-    return result
-
-
-def check_proposed(workdir: Path, n: int) -> dict[str, Any]:
-    """The proposed functions against the current ones on the size-n tables: same results?"""
-    import polars as pl
-
-    from kura_pipeline.core import cluster, identity, naming
-    from kura_pipeline.core.frames import frame_to_clusters, frame_to_embeddings, frame_to_summaries
-
-    data = workdir / "data"
-    chat_ids, embeddings = frame_to_embeddings(
-        pl.read_parquet(data / "summary_embeddings" / f"{dataset_name(n)}.parquet")
-    )
-    summaries = frame_to_summaries(
-        pl.read_parquet(data / "conversation_summaries" / f"{dataset_name(n)}.parquet")
-    )
-    summary_of = {s.chat_id: s.summary for s in summaries}
-    k = cluster.choose_k(len(chat_ids))
-    out: dict[str, Any] = {}
-    # Both sides cluster with the proposed k-means (fast, and the same labels for both): what is
-    # compared is everything after it.
-    global _current_kmeans_labels
-    _current_kmeans_labels = cluster.kmeans_labels
-    cluster.kmeans_labels = proposed_kmeans_labels
-
-    t0 = time.monotonic()
-    current = cluster.base_cluster_groups(embeddings, k)
-    t1 = time.monotonic()
-    proposed = proposed_base_cluster_groups(embeddings, k)
-    t2 = time.monotonic()
-    same = all(
-        np.array_equal(a, b) for part in range(2) for a, b in zip(current[part], proposed[part], strict=True)
-    )
-    # Outsiders: the same similarities (which of several equally similar points is taken may differ).
-    same_outside = all(
-        np.allclose(
-            np.sort(embeddings[a] @ cluster.centroid(embeddings[rows])),
-            np.sort(embeddings[b] @ cluster.centroid(embeddings[rows])),
-            atol=1e-6,
-        )
-        for rows, a, b in zip(current[0], current[2], proposed[2], strict=True)
-    )
-    out["base_cluster_groups"] = {"same_members_and_inside": same, "same_outsider_similarities": same_outside,
-                                  "current_s": t1 - t0, "proposed_s": t2 - t1}  # fmt: skip
-
-    groups = [[summary_of[chat_ids[r]] for r in rows] for rows in current[0]]
-    t0 = time.monotonic()
-    try:
-        naming.distinctive_terms(groups)
-        reference = _dense_terms_stable(groups)
-    except MemoryError:
-        reference = None
-    t1 = time.monotonic()
-    sparse = proposed_distinctive_terms(groups)
-    t2 = time.monotonic()
-    out["distinctive_terms"] = {
-        # The current code breaks ties in score by an unstable sort; with ties broken by column
-        # (as the proposal does) the dense computation picks exactly the same terms.
-        "same_as_dense_with_stable_ties": reference == sparse if reference is not None else "MemoryError",
-        "current_s": t1 - t0,
-        "proposed_s": t2 - t1,
-    }
-
-    base_path = data / "base_clusters" / f"{dataset_name(n)}.parquet"
-    if base_path.exists():
-        previous = frame_to_clusters(pl.read_parquet(base_path))
-        embedding_of = dict(zip(chat_ids, embeddings, strict=True))
-        members = [[chat_ids[r] for r in rows] for rows in current[0]]
-        centres = np.stack([cluster.centroid(embeddings[rows]) for rows in current[0]])
-        t0 = time.monotonic()
-        a = identity.match_lineage(members, centres, previous, embedding_of)
-        t1 = time.monotonic()
-        b = proposed_match_lineage(members, centres, previous, embedding_of)
-        t2 = time.monotonic()
-        out["match_lineage"] = {"same": a == b, "current_s": t1 - t0, "proposed_s": t2 - t1}
-    meta_path = data / "meta_clusters" / f"{dataset_name(n)}.parquet"
-    if meta_path.exists():
-        from kura_pipeline.core.hierarchy import hierarchy_problems
-
-        clusters = frame_to_clusters(pl.read_parquet(meta_path))
-        t0 = time.monotonic()
-        a = hierarchy_problems(clusters, chat_ids, 10)
-        t1 = time.monotonic()
-        b = proposed_hierarchy_problems(clusters, chat_ids, 10)
-        t2 = time.monotonic()
-        out["hierarchy_problems"] = {"same": a == b, "current_s": t1 - t0, "proposed_s": t2 - t1}
-    return out
-
-
-def proposed_kmeans_labels(
-    embeddings: np.ndarray, k: int, seed: int = 0, init: np.ndarray | None = None
-) -> np.ndarray:
-    """cluster.kmeans_labels without k-means++ at large k: its seeding costs O(k * n * log k)
-    distance computations per start (times n_init=3), and with k = n / 10 that is quadratic in n;
-    at 100,000 conversations MiniBatchKMeans spent 9.5 minutes in it without finishing one start.
-    Above 200 clusters: mini-batch k-means from random seeds, one start (or the warm start)."""
-    from sklearn.cluster import MiniBatchKMeans
-
-    from kura_pipeline.core.cluster import relabel_by_size
-
-    n = len(embeddings)
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
-    if k <= 1:
-        return np.zeros(n, dtype=np.int64)
-    if k <= 200:
-        return _current_kmeans_labels(embeddings, k, seed, init=init)
-    start = init if init is not None and len(init) == k else "random"
-    model = MiniBatchKMeans(n_clusters=k, init=start, n_init=1, batch_size=4096, random_state=seed)
-    return relabel_by_size(model.fit_predict(embeddings))
-
-
-def proposed_project_2d(embeddings: np.ndarray, seed: int = 0, n_neighbors: int = 15) -> np.ndarray:
-    """project.project_2d with UMAP started from PCA instead of its spectral layout above 20,000
-    points: the spectral layout solves an eigenproblem per connected component of the kNN
-    graph, and a graph of many small components (near-duplicate conversations) makes that the
-    slowest part of the whole stage."""
-    from kura_pipeline.core.project import MIN_POINTS_FOR_UMAP, _pca_2d
-
-    n = len(embeddings)
-    if n < MIN_POINTS_FOR_UMAP:
-        return _pca_2d(embeddings) if n else np.zeros((0, 2), dtype=np.float32)
-    import umap
-
-    init = "pca" if n > 20_000 else "spectral" if n > 50 else "random"
-    reducer = umap.UMAP(
-        n_components=2,
-        n_neighbors=min(n_neighbors, n - 1),
-        metric="cosine",
-        random_state=seed,
-        n_jobs=1,
-        init=init,
-    )
-    return reducer.fit_transform(embeddings).astype(np.float32)
-
-
-_current_kmeans_labels: Any = None
-CHUNK = 5_000  # conversations converted at a time by the chunked versions below
-
-
-def proposed_conversations_to_frame(conversations: list[Any], batch_of: dict[str, str] | None = None) -> Any:
-    """frames.conversations_to_frame a chunk at a time: the per-message row dicts (a second copy
-    of every conversation's structure in Python objects) exist for one chunk, not for all."""
-    import polars as pl
-
-    from kura_pipeline.core import frames
-
-    if len(conversations) <= CHUNK:
-        return frames.conversations_to_frame(conversations, batch_of)
-    return pl.concat(
-        [
-            frames.conversations_to_frame(conversations[i : i + CHUNK], batch_of)
-            for i in range(0, len(conversations), CHUNK)
-        ],
-        rechunk=False,
-    )
-
-
-class LazyConversations:
-    """What proposed_frame_to_conversations returns: a sequence that turns a stage table into
-    Conversation models a slice at a time while it is iterated (what the offline summaries and
-    any other single pass need), so all of them never exist at once."""
-
-    def __init__(self, frame: Any) -> None:
-        self.frame = frame
-
-    def __len__(self) -> int:
-        return self.frame.height
-
-    def __iter__(self) -> Any:
-        from kura_pipeline.core.frames import frame_to_conversations
-
-        for chunk in self.frame.iter_slices(CHUNK):
-            yield from frame_to_conversations(chunk)
-
-
-def apply_proposed() -> None:
-    """Patch the proposed functions in where the stages look them up."""
-    import importlib
-
-    # importlib, not `import a.b as m`: kura_pipeline.assets re-exports each asset under its
-    # module's name, so attribute access on the package gives the asset, not the module.
-    def module(name: str) -> Any:
-        return importlib.import_module(name)
-
-    cluster = module("kura_pipeline.core.cluster")
-    global _current_kmeans_labels
-    _current_kmeans_labels = cluster.kmeans_labels
-    cluster.kmeans_labels = proposed_kmeans_labels
-    module("kura_pipeline.assets.raw_conversations").conversations_to_frame = proposed_conversations_to_frame
-    # The offline summaries read each conversation once: a lazy sequence is enough there.
-    module("kura_pipeline.assets.conversation_summaries").frame_to_conversations = LazyConversations
-    module("kura_pipeline.core.naming").distinctive_terms = proposed_distinctive_terms
-    base_clusters_module = module("kura_pipeline.assets.base_clusters")
-    base_clusters_module.base_cluster_groups = proposed_base_cluster_groups
-    base_clusters_module.match_lineage = proposed_match_lineage
-    module("kura_pipeline.assets.meta_clusters").hierarchy_problems = proposed_hierarchy_problems
-    module("kura_pipeline.assets.projections").project_2d = proposed_project_2d
-    assert base_clusters_module.__name__ == "kura_pipeline.assets.base_clusters"
-
-
-# ---------------------------------------------------------------------------------------------
 # One stage in a process of its own
 # ---------------------------------------------------------------------------------------------
 
 
-def run_stage(workdir: Path, n: int, stage: str, proposed: bool, profile: bool) -> dict[str, Any]:
+def run_stage(workdir: Path, n: int, stage: str, profile: bool) -> dict[str, Any]:
     started = time.monotonic()
     from dagster import instance_for_test, materialize
 
@@ -583,9 +179,7 @@ def run_stage(workdir: Path, n: int, stage: str, proposed: bool, profile: bool) 
     from kura_pipeline.resources.privacy import PrivacyPolicy
     from kura_pipeline.resources.registry import DatasetRegistry
 
-    if proposed:
-        apply_proposed()
-    data_dir = workdir / ("data_proposed" if proposed else "data")
+    data_dir = workdir / "data"
     import_seconds = time.monotonic() - started
     rss_after_import = _rss_kb()
     asset = stage.removesuffix("_rerun")
@@ -739,16 +333,6 @@ def child(args: list[str], mem_cap_kb: int, timeout: float) -> dict[str, Any]:
     return {**json.loads(lines[-1]), "wall": wall, "watchdog_peak_mb": peak / 1024}
 
 
-def link_upstream(workdir: Path, n: int, stages: list[str]) -> None:
-    """The proposals change nothing before clustering: reuse the current run's earlier tables."""
-    for stage in STAGES:
-        source = workdir / "data" / stage / f"{dataset_name(n)}.parquet"
-        target = workdir / "data_proposed" / stage / f"{dataset_name(n)}.parquet"
-        if stage not in stages and source.exists() and not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.link(source, target)
-
-
 def machine() -> dict[str, Any]:
     return {
         "date": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
@@ -775,7 +359,7 @@ def main() -> None:
     parser.add_argument("--stages", nargs="+", default=STAGES, choices=STAGES)
     parser.add_argument("--mem-cap-gb", type=float, default=10.0)
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per stage")
-    parser.add_argument("--proposed", action="store_true", help="patch in the proposed changes")
+    parser.add_argument("--label", default="current", help="tag for these results in the report")
     parser.add_argument("--profile", action="store_true", help="cProfile each stage (slower)")
     parser.add_argument("--report", action="store_true", help="print the tables from results.jsonl")
     parser.add_argument("--_child", nargs="+", help=argparse.SUPPRESS)
@@ -787,12 +371,10 @@ def main() -> None:
             out = write_dataset(workdir, n)
         elif kind == "embed_synth":
             out = synthesise_embeddings(workdir, workdir / args._child[4], n, int(args._child[3]))
-        elif kind == "check":
-            out = check_proposed(workdir, n)
         elif kind == "roundtrip":
             out = run_roundtrip(workdir, n)
         else:
-            out = run_stage(workdir, n, args._child[3], args.proposed, args.profile)
+            out = run_stage(workdir, n, args._child[3], args.profile)
         out["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(out))
         return
@@ -803,17 +385,14 @@ def main() -> None:
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     cap = int(args.mem_cap_gb * 2**20)
-    variant = "proposed" if args.proposed else "current"
-    extra = ["--proposed"] if args.proposed else []
-    extra += ["--profile"] if args.profile else []
+    variant = args.label
+    extra = ["--profile"] if args.profile else []
     embedded = [n for n in args.sizes if n <= args.embed_upto]
     for n in args.sizes:
         base = {"n": n, "variant": variant, "profiled": args.profile, **machine()}
         if not (args.workdir / f"conversations_{n}.jsonl").exists():
             entry = child(["--_child", "synth", str(args.workdir), str(n)], cap, args.timeout)
             record(args.workdir, {**base, "stage": "synthesise", **entry})
-        if args.proposed:
-            link_upstream(args.workdir, n, args.stages)
         for stage in args.stages:
             if stage == "summary_embeddings" and n > args.embed_upto:
                 # The largest size embedded for real, in this run or an earlier one in the workdir.
@@ -821,9 +400,8 @@ def main() -> None:
                     int(p.stem[1:]) for p in (args.workdir / "data" / "summary_embeddings").glob("n*.parquet")
                 }
                 source = max(m for m in {*embedded, *done} if m <= args.embed_upto)
-                data = "data_proposed" if args.proposed else "data"
                 entry = child(
-                    ["--_child", "embed_synth", str(args.workdir), str(n), str(source), data],
+                    ["--_child", "embed_synth", str(args.workdir), str(n), str(source), "data"],
                     cap,
                     args.timeout,
                 )
@@ -831,7 +409,7 @@ def main() -> None:
                 continue
             entry = child(["--_child", "stage", str(args.workdir), str(n), stage, *extra], cap, args.timeout)
             record(args.workdir, {**base, "stage": stage, **entry})
-        if not args.proposed:
+        if "raw_conversations" in args.stages:
             entry = child(["--_child", "roundtrip", str(args.workdir), str(n)], cap, args.timeout)
             record(args.workdir, {**base, "stage": "parquet_roundtrip", **entry})
     report(args.workdir)
@@ -845,7 +423,7 @@ def report(workdir: Path) -> None:
         if not entry.get("profiled"):
             last[(entry["variant"], entry["stage"], entry["n"])] = entry
     sizes = sorted({key[2] for key in last})
-    for variant in ("current", "proposed"):
+    for variant in dict.fromkeys(key[0] for key in last):
         stages = [s for s in ["synthesise", *STAGES] if any((variant, s, n) in last for n in sizes)]
         if not stages:
             continue

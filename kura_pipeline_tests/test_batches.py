@@ -15,7 +15,7 @@ from dagster import SensorResult, SkipReason, build_sensor_context, instance_for
 from kura_pipeline.assets import ALL_ASSETS
 from kura_pipeline.assets.explorer import HtmlIOManager
 from kura_pipeline.core.batches import fingerprint, list_batch_files, load_batches
-from kura_pipeline.core.identity import match_lineage
+from kura_pipeline.core.identity import farthest_points, match_lineage
 from kura_pipeline.core.models import Cluster
 from kura_pipeline.resources.embedder import EmbedderResource
 from kura_pipeline.resources.io_manager import ParquetIOManager, StageReader
@@ -220,3 +220,51 @@ def test_a_half_written_batch_is_reported_by_name_and_nothing_runs(tmp_path):
         bad.unlink()
         tick = _tick(instance, tmp_path)
         assert isinstance(tick, SensorResult) and len(tick.run_requests) == 1
+
+
+def test_lineage_compares_only_overlapping_clusters_and_keeps_one_to_one_matches():
+    rng = np.random.default_rng(1)
+    embedding_of = {f"c{i}": v / np.linalg.norm(v) for i, v in enumerate(rng.normal(size=(40, 8)))}
+    embedding_of.pop("c39")  # an earlier member no longer embedded: it counts for no one
+
+    def cluster(cid: str, rows: range) -> Cluster:
+        return Cluster(id=cid, name=cid, description="", slug=cid, chat_ids=[f"c{i}" for i in rows])
+
+    previous = [cluster("A", range(0, 10)), cluster("B", range(10, 20)), cluster("D", range(30, 40))]
+    new_members = [
+        [f"c{i}" for i in range(0, 5)],  # half of A: Jaccard 0.5, below the bar: split
+        [f"c{i}" for i in range(5, 10)],  # the other half: split too
+        [f"c{i}" for i in range(10, 19)],  # B without one member: Jaccard 0.9, kept
+        [f"c{i}" for i in range(20, 30)],  # never seen before: new
+        [f"c{i}" for i in range(30, 39)],  # D's embedded members, all of them: kept
+    ]
+    centroids = np.stack([np.mean([embedding_of[c] for c in m], axis=0) for m in new_members])
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    lineages = match_lineage(new_members, centroids, previous, embedding_of)
+    assert [lineage.lineage for lineage in lineages] == ["split", "split", "kept", "new", "kept"]
+    assert lineages[0].previous_ids == ["A"] and lineages[1].previous_ids == ["A"]
+    assert lineages[2].previous is not None and lineages[2].previous.id == "B"
+    assert lineages[4].previous is not None and lineages[4].previous.id == "D"
+    # A centroid pointing elsewhere vetoes a match whatever the overlap.
+    flipped = centroids.copy()
+    flipped[2] = -flipped[2]
+    assert match_lineage(new_members, flipped, previous, embedding_of)[2].lineage == "split"
+
+
+@pytest.mark.parametrize("block_rows", [1, 3, 10_000])
+def test_farthest_points_in_blocks_picks_the_same_seeds(monkeypatch, block_rows):
+    from kura_pipeline.core import identity
+
+    rng = np.random.default_rng(2)
+    embeddings = rng.normal(size=(50, 6)).astype(np.float32)
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    centres = embeddings[:4]
+    # The whole-matrix computation, as a reference.
+    nearest = (embeddings @ centres.T).max(axis=1)
+    expected = []
+    for _ in range(3):
+        expected.append(int(np.argmin(nearest)))
+        nearest = np.maximum(nearest, embeddings @ embeddings[expected[-1]])
+    monkeypatch.setattr(identity, "_FARTHEST_BLOCK_ROWS", block_rows)
+    np.testing.assert_array_equal(farthest_points(embeddings, centres, 3), embeddings[expected])
+    assert len(farthest_points(embeddings, centres[:0], 2)) == 2  # no centres yet: still seeds

@@ -3,12 +3,17 @@
 import numpy as np
 import pytest
 
+from kura_pipeline.core import cluster as cluster_module
 from kura_pipeline.core.cluster import (
+    all_nearest_outsiders,
     base_cluster_groups,
+    centroid,
     choose_k,
     cluster_id,
     kmeans_labels,
+    members_by_label,
     nearest_outsiders,
+    relabel_by_size,
     slugify,
 )
 from kura_pipeline.core.hierarchy import (
@@ -219,3 +224,119 @@ def test_markdown_tree_shows_markup_in_names_as_text():
     hostile = Cluster(id="h", name=name, description="", slug="h", chat_ids=["1"])
     line = render_markdown_tree([hostile])
     assert "<script>" not in line and "\\<script\\>" in line and "\\[x\\]\\(y\\)" in line
+
+
+# ----- the scale paths (benchmarks/SCALE.md): same answers without quadratic work -----
+
+
+def test_relabel_by_size_numbers_by_size_then_first_member_and_drops_unused_labels():
+    labels = np.array([7, 3, 3, 9, 7, 9, 9, 3])  # 3 and 9 both have three members; 3 comes first
+    assert relabel_by_size(labels).tolist() == [2, 0, 0, 1, 2, 1, 1, 0]
+    assert relabel_by_size(np.array([5, 5])).tolist() == [0, 0]
+
+
+def test_kmeans_seeded_at_random_at_large_k_gives_k_distinct_centroids(monkeypatch):
+    # Force the path taken when k-means++ seeding would be quadratic (n * k above the limit).
+    monkeypatch.setattr(cluster_module, "KMEANS_PLUSPLUS_MAX_WORK", 0)
+    embeddings, truth = blobs(12, 15)
+    labels = kmeans_labels(embeddings, 12, seed=0)
+    assert sorted(set(labels.tolist())) == list(range(len(set(labels.tolist()))))  # 0..m-1, no gaps
+    centres = np.stack([embeddings[labels == g].mean(axis=0) for g in range(labels.max() + 1)])
+    assert len(np.unique(centres.round(5), axis=0)) == len(centres)  # distinct centroids
+    assert len(centres) >= 10  # random seeds may merge a pair of groups, not collapse them
+    # Each cluster is mostly one true group: seeding at random still finds real clusters.
+    purity = sum(np.bincount(truth[labels == g]).max() for g in range(labels.max() + 1)) / len(truth)
+    assert purity >= 0.8
+
+
+def test_kmeans_mini_batch_path_labels_every_point(monkeypatch):
+    monkeypatch.setattr(cluster_module, "MINIBATCH_ABOVE", 50)
+    monkeypatch.setattr(cluster_module, "KMEANS_PLUSPLUS_MAX_WORK", 0)
+    embeddings, _ = blobs(6, 30)
+    labels = kmeans_labels(embeddings, 6, seed=0)
+    assert len(labels) == len(embeddings)
+    sizes = np.bincount(labels)
+    assert (sizes > 0).all() and list(sizes) == sorted(sizes, reverse=True)
+
+
+def test_members_by_label_equal_a_mask_per_label():
+    labels = np.random.default_rng(1).integers(0, 7, size=200)
+    labels = relabel_by_size(labels)
+    members = members_by_label(labels)
+    assert len(members) == labels.max() + 1
+    for label, rows in enumerate(members):
+        assert rows.tolist() == np.flatnonzero(labels == label).tolist()
+    assert members_by_label(np.zeros(0, dtype=np.int64)) == []
+
+
+@pytest.mark.parametrize("block_bytes", [1, 1 << 20])  # one group per block, and all at once
+def test_all_nearest_outsiders_equal_nearest_outsiders_group_by_group(monkeypatch, block_bytes):
+    monkeypatch.setattr(cluster_module, "_SIMILARITY_BLOCK_BYTES", block_bytes)
+    embeddings, truth = blobs(5, 12)
+    members = members_by_label(truth)
+    centres = np.stack([centroid(embeddings[rows]) for rows in members]).astype(np.float32)
+    got = all_nearest_outsiders(embeddings, members, centres, limit=6)
+    for g, rows in enumerate(members):
+        mask = np.zeros(len(embeddings), dtype=bool)
+        mask[rows] = True
+        expected = nearest_outsiders(embeddings, mask, centres[g], 6)
+        assert not mask[got[g]].any() and len(got[g]) == 6
+        similarity = embeddings @ centres[g]
+        np.testing.assert_allclose(similarity[got[g]], similarity[expected], atol=1e-6)
+    # More outsiders asked for than there are: every non-member, nearest first.
+    everyone = all_nearest_outsiders(embeddings, members, centres, limit=1000)
+    assert all(len(rows) == len(embeddings) - len(m) for rows, m in zip(everyone, members, strict=True))
+    assert all(len(rows) == 0 for rows in all_nearest_outsiders(embeddings, members, centres, limit=0))
+
+
+def _dense_distinctive_terms(documents_per_group: list[list[str]], top_n: int = 6) -> list[list[str]]:
+    """The dense c-TF-IDF this module used before (groups x vocabulary), ties broken by term."""
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    from kura_pipeline.core.naming import STOP_WORDS
+
+    vectorizer = CountVectorizer(
+        stop_words=STOP_WORDS, token_pattern=r"(?u)\b[a-zA-Z][a-zA-Z0-9+#]{2,}\b", ngram_range=(1, 2)
+    )
+    counts = vectorizer.fit_transform([" ".join(d) for d in documents_per_group]).toarray().astype(float)
+    terms = vectorizer.get_feature_names_out()
+    tf = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    idf = np.log(1 + counts.sum() / len(counts) / np.maximum(counts.sum(axis=0), 1))
+    result = []
+    for row in tf * idf:
+        picked: list[str] = []
+        for index in np.argsort(-row, kind="stable"):
+            if row[index] <= 0 or len(picked) == top_n:
+                break
+            if not any(terms[index] in other or other in terms[index] for other in picked):
+                picked.append(str(terms[index]))
+        result.append(picked)
+    return result
+
+
+def test_sparse_distinctive_terms_equal_the_dense_computation():
+    groups = [
+        ["The user asked: fix a python KeyError in pandas", "The user asked: python traceback in a loop"],
+        ["The user asked: a lasagna recipe", "The user asked: recipe for pancakes with maple syrup"],
+        ["The user asked: plan a trip to Lisbon", "The user asked: trip itinerary, Lisbon and Porto"],
+        ["The user asked: zeta alpha gamma beta"],  # words and bigrams of equal score: by term
+        ["the and of"],  # only stop words: no terms
+    ]
+    sparse = distinctive_terms(groups)
+    assert sparse == _dense_distinctive_terms(groups)
+    assert sparse[3] == ["alpha", "beta", "gamma", "zeta"]  # bigrams skipped: they hold a pick
+    assert sparse[4] == []
+
+
+def test_hierarchy_offline_parents_hold_exactly_their_childrens_members():
+    embeddings, _ = blobs(8, 10)
+    clusters, embedding_of, documents = _base_clusters(embeddings, 16)
+    everything, _ = build_hierarchy(clusters, embedding_of, plan_level_offline(documents), max_top_clusters=3)
+    assert hierarchy_problems(everything, list(embedding_of), max_top_clusters=3) == []
+    by_parent: dict[str, list[str]] = {}
+    for c in everything:
+        if c.parent_id is not None:
+            by_parent.setdefault(c.parent_id, []).extend(c.chat_ids)
+    for c in everything:
+        if c.id in by_parent:
+            assert sorted(by_parent[c.id]) == c.chat_ids

@@ -14,13 +14,16 @@ import polars as pl
 import pytest
 
 from kura_pipeline.core.loaders import (
+    DUPLICATE_REASONS,
     LOADERS,
     PLACEHOLDER_CREATED_AT,
+    Deduplicator,
     LoaderError,
     LoadResult,
     SkippedRecord,
     _json_reader,
     deduplicate,
+    iter_load,
     load,
     load_chatgpt_export,
     load_claude_export,
@@ -733,3 +736,56 @@ def test_empty_json_list_and_empty_jsonl_give_no_conversations(tmp_path: Path) -
     assert load_claude_export(write_json(tmp_path / "empty.json", [])) == LoadResult([], [])
     (tmp_path / "empty.jsonl").write_text("\n\n")
     assert load_jsonl(tmp_path / "empty.jsonl") == LoadResult([], [])
+
+
+# --- Streaming: iter_load gives what load gives, one record at a time -------------------------
+
+
+@pytest.mark.parametrize(
+    ("loader", "fixture"),
+    [
+        ("jsonl", "conversations.jsonl"),
+        ("claude", "claude_export.json"),
+        ("claude", "claude_export_bad_records.json"),
+        ("chatgpt", "chatgpt_export.json"),
+        ("sharegpt", "sharegpt_split.json"),  # not a streaming loader: loaded whole, then handed over
+    ],
+)
+def test_iter_load_yields_what_load_returns(loader: str, fixture: str) -> None:
+    path = FIXTURES / fixture
+    loaded = load(loader, path=path)
+    items = list(iter_load(loader, path=path))
+    assert [i for i in items if isinstance(i, Conversation)] == loaded.conversations
+    skipped = [i for i in items if isinstance(i, SkippedRecord)]
+    assert sorted(skipped, key=lambda s: s.reason in DUPLICATE_REASONS) == loaded.skipped
+
+
+def test_iter_load_hands_over_records_in_file_order(tmp_path: Path) -> None:
+    path = tmp_path / "chats.jsonl"
+    first, other = _sample_conversations()
+    lines = [first.model_dump_json(), "{not json", other.model_dump_json(), first.model_dump_json()]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    items = list(iter_load("jsonl", path=path))
+    assert items[0] == first and items[2] == other
+    assert isinstance(items[1], SkippedRecord) and items[1].record.startswith("line 2")
+    assert items[3] == SkippedRecord(str(path), "#2 (id=p-1)", "duplicate chat_id (identical)")
+
+
+def test_iter_load_reports_unknown_loaders_and_missing_files_as_loader_errors(tmp_path: Path) -> None:
+    with pytest.raises(LoaderError, match="unknown loader"):
+        next(iter_load("nope", path=tmp_path / "x"))
+    with pytest.raises(LoaderError):
+        next(iter_load("jsonl", path=tmp_path / "missing.jsonl"))
+
+
+def test_deduplicator_tells_identical_from_conflicting_copies_by_digest() -> None:
+    first, other = _sample_conversations()
+    deduplicator = Deduplicator("chats.jsonl")
+    assert deduplicator.skip(first) is None and deduplicator.skip(other) is None
+    assert deduplicator.skip(first.model_copy(deep=True)) == SkippedRecord(
+        "chats.jsonl", "#2 (id=p-1)", "duplicate chat_id (identical)"
+    )
+    changed = first.model_copy(update={"messages": first.messages[:1]})
+    assert deduplicator.skip(changed) == SkippedRecord(
+        "chats.jsonl", "#3 (id=p-1)", "duplicate chat_id with different content"
+    )

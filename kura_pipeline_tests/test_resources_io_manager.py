@@ -7,9 +7,15 @@ from dagster import DynamicPartitionsDefinition, asset, materialize
 from upath import UPath
 
 from kura_pipeline.core.frames import (
+    INITIAL_BATCH,
+    ConversationFrameBuilder,
     conversations_to_frame,
     frame_to_conversations,
+    iter_conversation_chunks,
+    summaries_by_chat,
+    summaries_to_frame,
 )
+from kura_pipeline.core.models import ConversationSummary
 from kura_pipeline.resources.io_manager import ParquetIOManager
 
 partitions = DynamicPartitionsDefinition(name="datasets")
@@ -81,3 +87,34 @@ def test_duckdb_can_query_a_stage(tmp_path: Path, conversations):
         f"select count(*) from read_parquet('{tmp_path / 'c.parquet'}') where len(messages) = 2"
     ).fetchall()
     assert count == [(len(conversations),)]
+
+
+def test_the_conversations_table_built_in_chunks_is_the_same_table(tmp_path: Path, conversations):
+    # Chunks of 3 (several of them, the last one short) against one chunk for everything.
+    batch_of = {conversations[0].chat_id: "b1"}
+    small = ConversationFrameBuilder(chunk_size=3)
+    for conversation in conversations:
+        small.add(conversation, batch_of.get(conversation.chat_id, INITIAL_BATCH))
+    chunked = small.frame()
+    whole = conversations_to_frame(conversations, batch_of)
+    assert chunked.equals(whole) and chunked.schema == whole.schema
+    assert small.conversations == len(conversations)
+    assert small.messages == sum(len(c.messages) for c in conversations)
+    assert chunked["batch"].to_list()[:2] == ["b1", INITIAL_BATCH]
+    chunked.write_parquet(tmp_path / "c.parquet")
+    back = pl.read_parquet(tmp_path / "c.parquet")
+    assert frame_to_conversations(back) == conversations
+    # Read back a chunk of models at a time: the same conversations, in order.
+    chunks = list(iter_conversation_chunks(back, chunk_size=4))
+    assert [len(c) for c in chunks][:-1] == [4] * (len(chunks) - 1)
+    assert [c for chunk in chunks for c in chunk] == conversations
+    assert ConversationFrameBuilder().frame().schema == whole.schema  # empty, still typed
+
+
+def test_summaries_by_chat_leaves_failed_rows_out():
+    summaries = [
+        ConversationSummary(chat_id="b", summary="The user asked: b"),
+        ConversationSummary(chat_id="a", summary="The user asked: a"),
+    ]
+    frame = summaries_to_frame(summaries, failures={"c": "timeout"})
+    assert summaries_by_chat(frame) == {"a": "The user asked: a", "b": "The user asked: b"}

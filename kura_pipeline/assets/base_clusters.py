@@ -10,7 +10,7 @@ from kura_pipeline.core.frames import (
     content_sha256,
     frame_to_clusters,
     frame_to_embeddings,
-    frame_to_summaries,
+    summaries_by_chat,
 )
 from kura_pipeline.core.identity import batch_counts, farthest_points, match_lineage, previous_centroids
 from kura_pipeline.core.models import Cluster
@@ -44,7 +44,7 @@ def base_clusters(
     """k-means over the summary embeddings, each cluster named and described (contrastively,
     against its nearest outsiders, when an LLM is configured). A cluster that is substantially
     the same as in the last run keeps its id and name, and costs no naming call."""
-    summary_of = {s.chat_id: s.summary for s in frame_to_summaries(conversation_summaries)}
+    summary_of = summaries_by_chat(conversation_summaries)
     batch_of = dict(zip(raw_conversations["chat_id"], raw_conversations["batch"], strict=True))
     chat_ids, embeddings = frame_to_embeddings(summary_embeddings)
     embedding_of = dict(zip(chat_ids, embeddings, strict=True))
@@ -57,7 +57,9 @@ def base_clusters(
         init = previous_centroids(previous, embedding_of, limit=k)
         if 0 < len(init) < k:
             init = np.vstack([init, farthest_points(embeddings, init, k - len(init))])
-    members, inside, outside = base_cluster_groups(embeddings, k, seed=config.seed, init=init)
+    # Offline names read every member, not a sample against outsiders: skip computing those.
+    limits = {"inside_limit": 0, "outside_limit": 0} if llm.is_offline else {}
+    members, inside, outside = base_cluster_groups(embeddings, k, seed=config.seed, init=init, **limits)
     member_ids = [[chat_ids[r] for r in rows] for rows in members]
     lineages = match_lineage(
         member_ids,
@@ -78,12 +80,12 @@ def base_clusters(
         all_labels = offline_labels(texts(members))  # contrast needs every group
         labels = {i: all_labels[i] for i in to_name}
     elif to_name:
-        client = llm.client(log=context.log.info)
+        client = llm.client(llm.cluster_client, log=context.log.info)
         named = asyncio.run(
             llm_labels(client, texts([inside[i] for i in to_name]), texts([outside[i] for i in to_name]))
         )
         labels = dict(zip(to_name, named, strict=True))
-        stats = client.stats.as_metadata()
+        stats = client.metadata()
 
     taken = {lineage.previous.slug for lineage in lineages if lineage.previous is not None}
     clusters = []

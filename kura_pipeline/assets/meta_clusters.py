@@ -17,7 +17,7 @@ from kura_pipeline.core.frames import (
     clusters_to_frame,
     frame_to_clusters,
     frame_to_embeddings,
-    frame_to_summaries,
+    summaries_by_chat,
 )
 from kura_pipeline.core.hierarchy import (
     build_hierarchy,
@@ -63,10 +63,10 @@ def meta_clusters(
     embedding_of = dict(zip(chat_ids, embeddings, strict=True))
     stats: dict[str, int] = {}
     if llm.is_offline:
-        summary_of = {s.chat_id: s.summary for s in frame_to_summaries(conversation_summaries)}
+        summary_of = summaries_by_chat(conversation_summaries)
         plan = plan_level_offline(summary_of)
     else:
-        client = llm.client(log=context.log.info)
+        client = llm.client(llm.cluster_client, log=context.log.info)
 
         def plan(children, centroids, target):  # type: ignore[no-untyped-def]
             return asyncio.run(plan_level_clio(client, children, centroids, target, seed=config.seed))
@@ -88,7 +88,7 @@ def meta_clusters(
     if not llm.is_offline:
         shown = [c for c in clusters if c.id not in withheld]
         audited = withheld_by_audit(asyncio.run(audit_clusters(client, shown)), privacy.min_audit_rating)
-        stats = client.stats.as_metadata()
+        stats = client.metadata()
     for cluster in clusters:
         cluster.withheld = cluster.id in withheld or cluster.id in audited
     levels = max(c.level for c in clusters) + 1 if clusters else 0

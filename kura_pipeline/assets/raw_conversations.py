@@ -3,8 +3,8 @@ from pathlib import Path
 from dagster import AssetExecutionContext, Failure, MetadataValue, Output, asset
 
 from kura_pipeline.core.batches import list_batch_files, load_batches
-from kura_pipeline.core.frames import conversations_to_frame
-from kura_pipeline.core.loaders import LoaderError, load
+from kura_pipeline.core.frames import INITIAL_BATCH, ConversationFrameBuilder
+from kura_pipeline.core.loaders import DUPLICATE_REASONS, LoaderError, SkippedRecord, iter_load
 from kura_pipeline.partitions import datasets_partitions
 from kura_pipeline.resources.registry import DatasetRegistry
 
@@ -21,28 +21,35 @@ def raw_conversations(context: AssetExecutionContext, registry: DatasetRegistry)
     stored table stays as it was.
     """
     spec = registry.get(context.partition_key)
-    batch_of: dict[str, str] = {}
+    # Conversations go into the table a chunk at a time as they are read: at 100,000
+    # conversations, holding every one as models as well as the table took 4.8 GB.
+    builder = ConversationFrameBuilder()
+    skipped: list[SkippedRecord] = []
     batches: list[str] = []
     updated = 0
     try:
         if spec.inbox is not None:
+            # Later batches update earlier conversations, so batches are merged as models first.
             files = list_batch_files(spec.inbox)
             batches = [f.batch for f in files]
             loaded = load_batches(files, spec.loader, spec.options)
-            conversations, skipped, batch_of, updated = (
-                loaded.conversations,
-                loaded.skipped,
-                loaded.batch_of,
-                loaded.updated,
-            )
+            skipped, updated = loaded.skipped, loaded.updated
+            for conversation in loaded.conversations:
+                builder.add(conversation, loaded.batch_of.get(conversation.chat_id, INITIAL_BATCH))
+            del loaded
         else:
-            result = load(spec.loader, **spec.options)
-            conversations, skipped = result.conversations, result.skipped
+            for item in iter_load(spec.loader, **spec.options):
+                if isinstance(item, SkippedRecord):
+                    skipped.append(item)
+                else:
+                    builder.add(item)
+            # The loader's own skips first, then the duplicates, as `load` reports them.
+            skipped.sort(key=lambda record: record.reason in DUPLICATE_REASONS)
     except LoaderError as error:
         raise Failure(description=f"dataset {spec.name!r}: {error}") from error
     if skipped:
         context.log.warning(f"{len(skipped)} records skipped in dataset {spec.name!r}")
-    if not conversations:
+    if not builder.conversations:
         where = f"inbox {Path(spec.inbox)}" if spec.inbox else spec.loader
         raise Failure(
             description=f"dataset {spec.name!r} ({where}) has no usable conversation; "
@@ -54,12 +61,12 @@ def raw_conversations(context: AssetExecutionContext, registry: DatasetRegistry)
         + [f"| {s.source} | {s.record} | {s.reason} |" for s in skipped[:SKIPS_SHOWN]]
     )
     return Output(
-        conversations_to_frame(conversations, batch_of),
+        builder.frame(),
         metadata={
             "dataset": spec.name,
             "loader": spec.loader,
-            "conversations": len(conversations),
-            "messages": sum(len(c.messages) for c in conversations),
+            "conversations": builder.conversations,
+            "messages": builder.messages,
             "batches": len(batches) if spec.inbox else 1,
             "updated_by_later_batches": updated,
             "skipped_records": len(skipped),

@@ -12,6 +12,12 @@ from sklearn.cluster import KMeans, MiniBatchKMeans
 
 # Above this many points, mini-batch k-means keeps time and memory near linear.
 MINIBATCH_ABOVE = 20_000
+# k-means++ seeding costs O(n * k * log k) distance computations per start; with Kura's
+# k = n / 10 that is quadratic in n (one start took 107 s at 10,000 conversations, and at
+# 100,000 seeding had not finished after 9.5 minutes). Above this n * k, seed at random once:
+# ~3-5 % more within-cluster distance, measured in benchmarks/SCALE.md.
+KMEANS_PLUSPLUS_MAX_WORK = 1_000_000
+MINIBATCH_SIZE = 4096
 
 
 def choose_k(
@@ -37,20 +43,34 @@ def kmeans_labels(
         return np.zeros(0, dtype=np.int64)
     if k <= 1:
         return np.zeros(n, dtype=np.int64)
-    model_cls = MiniBatchKMeans if n > MINIBATCH_ABOVE else KMeans
+    start: np.ndarray | str
     if init is not None and len(init) == k:
-        model = model_cls(n_clusters=k, random_state=seed, init=init, n_init=1)
+        start, n_init = init, 1  # warm start: one run from the earlier clusters
+    elif n * k <= KMEANS_PLUSPLUS_MAX_WORK:
+        start, n_init = "k-means++", 3
     else:
-        model = model_cls(n_clusters=k, random_state=seed, n_init=3)
+        start, n_init = "random", 1
+    model: KMeans | MiniBatchKMeans
+    if n > MINIBATCH_ABOVE:
+        model = MiniBatchKMeans(
+            n_clusters=k, init=start, n_init=n_init, batch_size=MINIBATCH_SIZE, random_state=seed
+        )
+    else:
+        model = KMeans(n_clusters=k, init=start, n_init=n_init, random_state=seed)
+    # Mini-batch k-means may leave a few clusters empty: relabelling drops them.
     return relabel_by_size(model.fit_predict(embeddings))
 
 
 def relabel_by_size(labels: np.ndarray) -> np.ndarray:
-    """Renumber labels so 0 is the biggest cluster: stable, readable ids for the same partition."""
-    unique, first_index, counts = np.unique(labels, return_index=True, return_counts=True)
-    order = sorted(range(len(unique)), key=lambda i: (-counts[i], first_index[i]))
-    mapping = {unique[i]: rank for rank, i in enumerate(order)}
-    return np.array([mapping[label] for label in labels], dtype=np.int64)
+    """Renumber labels 0..m-1 so 0 is the biggest cluster (ties: the one whose first member comes
+    first): stable, readable ids for the same partition; labels no point has are dropped."""
+    unique, first_index, inverse, counts = np.unique(
+        labels, return_index=True, return_inverse=True, return_counts=True
+    )
+    order = np.lexsort((first_index, -counts))  # by size descending, then first member
+    rank = np.empty(len(unique), dtype=np.int64)
+    rank[order] = np.arange(len(unique))
+    return rank[inverse.ravel()]
 
 
 def cluster_id(level: int, chat_ids: Sequence[str]) -> str:
@@ -109,14 +129,55 @@ def base_cluster_groups(
     outside_limit: int = 10,
     init: np.ndarray | None = None,
 ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
-    """k-means groups, each with the rows to show the namer and its nearest outsiders."""
+    """k-means groups (member rows in index order), each with the rows to show the namer and
+    its nearest outsiders (`outside_limit=0` when nothing reads them, e.g. offline names)."""
     labels = kmeans_labels(embeddings, k, seed, init=init)
-    members, inside, outside = [], [], []
-    for label in range(int(labels.max()) + 1 if len(labels) else 0):
-        mask = labels == label
-        rows = np.flatnonzero(mask)
-        center = centroid(embeddings[rows])
-        members.append(rows)
-        inside.append(sample_inside(embeddings, rows, center, inside_limit, seed))
-        outside.append(nearest_outsiders(embeddings, mask, center, outside_limit))
+    if len(labels) == 0:
+        return [], [], []
+    members = members_by_label(labels)
+    centres = np.stack([centroid(embeddings[rows]) for rows in members]).astype(embeddings.dtype)
+    inside = [
+        sample_inside(embeddings, rows, centres[g], inside_limit, seed) if inside_limit > 0 else rows[:0]
+        for g, rows in enumerate(members)
+    ]
+    outside = all_nearest_outsiders(embeddings, members, centres, outside_limit)
     return members, inside, outside
+
+
+def members_by_label(labels: np.ndarray) -> list[np.ndarray]:
+    """Rows of each label 0..max, in index order: one stable argsort, not a mask per label
+    (which costs O(n * k), quadratic with k = n / 10)."""
+    if len(labels) == 0:
+        return []
+    order = np.argsort(labels, kind="stable")
+    bounds = np.searchsorted(labels[order], np.arange(int(labels.max()) + 2))
+    return [order[bounds[g] : bounds[g + 1]] for g in range(len(bounds) - 1)]
+
+
+# Cluster-by-point similarities computed at a time by all_nearest_outsiders (bytes).
+_SIMILARITY_BLOCK_BYTES = 64 << 20
+
+
+def all_nearest_outsiders(
+    embeddings: np.ndarray, members: list[np.ndarray], centres: np.ndarray, limit: int
+) -> list[np.ndarray]:
+    """nearest_outsiders for every group at once: the same rows, from a blocked
+    (groups x points) matrix product, instead of copying the n - m outside rows of the
+    embedding matrix once per group (O(n * k) memory traffic)."""
+    n = len(embeddings)
+    if limit <= 0 or n == 0:
+        return [rows[:0] for rows in members]
+    block = max(1, _SIMILARITY_BLOCK_BYTES // (embeddings.itemsize * n))
+    outside: list[np.ndarray] = []
+    for start in range(0, len(members), block):
+        similarity = centres[start : start + block] @ embeddings.T
+        for row, rows in enumerate(members[start : start + block]):
+            sims = similarity[row]
+            sims[rows] = -np.inf  # members are not outsiders
+            count = min(limit, n - len(rows))
+            if count <= 0:
+                outside.append(rows[:0])
+                continue
+            best = np.argpartition(-sims, count - 1)[:count]
+            outside.append(best[np.argsort(-sims[best], kind="stable")])
+    return outside

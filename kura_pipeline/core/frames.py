@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import polars as pl
@@ -64,20 +65,61 @@ PROJECTIONS_SCHEMA = {
 }
 
 
-def conversations_to_frame(
-    conversations: list[Conversation], batch_of: dict[str, str] | None = None
-) -> pl.DataFrame:
-    rows = [
-        {
-            "chat_id": c.chat_id,
-            "batch": (batch_of or {}).get(c.chat_id, INITIAL_BATCH),
-            "created_at": c.created_at,
-            "messages": [m.model_dump() for m in c.messages],
-            "metadata": json.dumps(c.metadata, ensure_ascii=False, sort_keys=True),
+# Conversations turned into table rows (or back into models) at a time: big enough for polars
+# to work in bulk, small enough that the Python objects of one chunk are a few tens of MB.
+CONVERSATION_CHUNK = 5_000
+
+
+class ConversationFrameBuilder:
+    """The conversations table built a chunk at a time, column-wise: a caller that streams
+    conversations in (see loaders.iter_load) can let each one's models go once it is added, so
+    Python objects for every conversation never exist next to the table."""
+
+    def __init__(self, chunk_size: int = CONVERSATION_CHUNK) -> None:
+        self.chunk_size = chunk_size
+        self.conversations = 0
+        self.messages = 0
+        self._pending: list[tuple[Conversation, str]] = []
+        self._chunks: list[pl.DataFrame] = []
+
+    def add(self, conversation: Conversation, batch: str = INITIAL_BATCH) -> None:
+        self._pending.append((conversation, batch))
+        self.conversations += 1
+        self.messages += len(conversation.messages)
+        if len(self._pending) >= self.chunk_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        columns = {
+            "chat_id": [c.chat_id for c, _ in pending],
+            "batch": [batch for _, batch in pending],
+            "created_at": [c.created_at for c, _ in pending],
+            "messages": [
+                [{"role": m.role, "content": m.content, "created_at": m.created_at} for m in c.messages]
+                for c, _ in pending
+            ],
+            "metadata": [json.dumps(c.metadata, ensure_ascii=False, sort_keys=True) for c, _ in pending],
         }
-        for c in conversations
-    ]
-    return pl.DataFrame(rows, schema=CONVERSATIONS_SCHEMA)
+        self._chunks.append(pl.DataFrame(columns, schema=CONVERSATIONS_SCHEMA))
+
+    def frame(self) -> pl.DataFrame:
+        self._flush()
+        if not self._chunks:
+            return pl.DataFrame(schema=CONVERSATIONS_SCHEMA)
+        # No rechunk: that would copy the whole table once more just to join its chunks.
+        return pl.concat(self._chunks, rechunk=False)
+
+
+def conversations_to_frame(
+    conversations: Iterable[Conversation], batch_of: dict[str, str] | None = None
+) -> pl.DataFrame:
+    builder = ConversationFrameBuilder()
+    for conversation in conversations:
+        builder.add(conversation, (batch_of or {}).get(conversation.chat_id, INITIAL_BATCH))
+    return builder.frame()
 
 
 def frame_to_conversations(frame: pl.DataFrame) -> list[Conversation]:
@@ -90,6 +132,15 @@ def frame_to_conversations(frame: pl.DataFrame) -> list[Conversation]:
         )
         for row in frame.iter_rows(named=True)
     ]
+
+
+def iter_conversation_chunks(
+    frame: pl.DataFrame, chunk_size: int = CONVERSATION_CHUNK
+) -> Iterator[list[Conversation]]:
+    """The table's conversations as models, a chunk at a time: a stage that handles each
+    conversation on its own holds one chunk of models, not 100,000 (4 GB) next to the table."""
+    for chunk in frame.iter_slices(chunk_size):
+        yield frame_to_conversations(chunk)
 
 
 def summaries_to_frame(
@@ -114,6 +165,13 @@ def frame_to_summaries(frame: pl.DataFrame) -> list[ConversationSummary]:
         ConversationSummary(**{**row, "metadata": json.loads(row["metadata"] or "{}")})
         for row in ok.iter_rows(named=True)
     ]
+
+
+def summaries_by_chat(frame: pl.DataFrame) -> dict[str, str]:
+    """chat_id -> summary text of the successful summaries, straight from the columns (no
+    model per row: this is all the clustering stages read of them)."""
+    ok = frame.filter(pl.col("failure_reason").is_null())
+    return dict(zip(ok["chat_id"].to_list(), ok["summary"].to_list(), strict=True))
 
 
 def properties_to_frame(rows: list[tuple[str, ExtractedProperty]]) -> pl.DataFrame:

@@ -8,7 +8,7 @@ that merely grew with new conversations is still the same cluster.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,11 +43,24 @@ def previous_centroids(
     return np.stack(rows) if rows else np.zeros((0, 0), dtype=np.float32)
 
 
+# Rows of embeddings compared with the centres at a time in farthest_points.
+_FARTHEST_BLOCK_ROWS = 10_000
+
+
 def farthest_points(embeddings: np.ndarray, centres: np.ndarray, count: int) -> np.ndarray:
     """`count` points far from the given centres and from each other (extra k-means seeds)."""
     chosen: list[int] = []
-    similarity = embeddings @ centres.T if len(centres) else np.full((len(embeddings), 1), -1.0)
-    nearest = similarity.max(axis=1)
+    if len(centres):
+        # Each point's similarity to its nearest centre, a block of rows at a time: the whole
+        # (points x centres) matrix is 4 GB at 100,000 conversations and 10,000 clusters.
+        nearest = np.concatenate(
+            [
+                (embeddings[i : i + _FARTHEST_BLOCK_ROWS] @ centres.T).max(axis=1)
+                for i in range(0, len(embeddings), _FARTHEST_BLOCK_ROWS)
+            ]
+        )
+    else:
+        nearest = np.full(len(embeddings), -1.0, dtype=embeddings.dtype)
     for _ in range(count):
         index = int(np.argmin(nearest))
         chosen.append(index)
@@ -61,21 +74,34 @@ def match_lineage(
     previous: list[Cluster],
     embedding_of: dict[str, np.ndarray],
 ) -> list[Lineage]:
-    """For each new cluster: the earlier cluster it is (one-to-one), or how it came to be."""
-    known = {chat for cluster in previous for chat in cluster.chat_ids}
+    """For each new cluster: the earlier cluster it is (one-to-one), or how it came to be.
+
+    Linear in the conversations: a new cluster is compared only with the earlier clusters it
+    shares a conversation with (found through an index chat -> earlier cluster), and an earlier
+    cluster's centroid is computed once, only when the Jaccard test passes."""
     previous_of = {chat: cluster.id for cluster in previous for chat in cluster.chat_ids}
     by_id = {cluster.id: cluster for cluster in previous}
-    old_sets = {c.id: set(c.chat_ids) & set(embedding_of) for c in previous}
+    # Only conversations embedded today count (an earlier member may have been dropped since).
+    old_sets = {c.id: {chat for chat in c.chat_ids if chat in embedding_of} for c in previous}
+    clusters_of: dict[str, list[str]] = defaultdict(list)  # chat -> earlier clusters holding it
+    for cluster_id, old_members in old_sets.items():
+        for chat in old_members:
+            clusters_of[chat].append(cluster_id)
+    old_centroids: dict[str, np.ndarray] = {}
 
     candidates = []
     for index, members in enumerate(new_members):
-        old_part = set(members) & known
-        for cluster_id, old_members in old_sets.items():
-            if not old_members or not (old_part & old_members):
-                continue
+        old_part = {chat for chat in members if chat in previous_of}
+        overlapping = {cluster_id for chat in old_part for cluster_id in clusters_of.get(chat, ())}
+        for cluster_id in overlapping:
+            old_members = old_sets[cluster_id]
             jaccard = len(old_part & old_members) / len(old_part | old_members)
-            cosine = float(new_centroids[index] @ centroid(np.stack([embedding_of[c] for c in old_members])))
-            if jaccard >= MIN_JACCARD and cosine >= MIN_CENTROID_COSINE:
+            if jaccard < MIN_JACCARD:
+                continue  # the centroid cannot rescue it: skip computing it
+            if cluster_id not in old_centroids:
+                old_centroids[cluster_id] = centroid(np.stack([embedding_of[c] for c in old_members]))
+            cosine = float(new_centroids[index] @ old_centroids[cluster_id])
+            if cosine >= MIN_CENTROID_COSINE:
                 candidates.append((jaccard, index, cluster_id))
     matched: dict[int, str] = {}
     taken: set[str] = set()

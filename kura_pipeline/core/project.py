@@ -8,6 +8,11 @@ from kura_pipeline.core.models import Cluster
 
 # UMAP needs a handful of neighbours; below this many points a PCA map is drawn instead.
 MIN_POINTS_FOR_UMAP = 10
+# Above this many points UMAP starts from PCA, not its spectral layout: the spectral layout
+# solves an eigenproblem per connected component of the neighbour graph, and near-duplicate
+# conversations make many small components (at 100,000 it had not finished after 18 minutes;
+# from PCA the whole stage took about 2 minutes).
+SPECTRAL_INIT_MAX_POINTS = 20_000
 
 
 def project_2d(embeddings: np.ndarray, seed: int = 0, n_neighbors: int = 15) -> np.ndarray:
@@ -25,7 +30,7 @@ def project_2d(embeddings: np.ndarray, seed: int = 0, n_neighbors: int = 15) -> 
         metric="cosine",
         random_state=seed,
         n_jobs=1,  # a seed only gives a repeatable map single-threaded
-        init="spectral" if n > 50 else "random",
+        init="pca" if n > SPECTRAL_INIT_MAX_POINTS else "spectral" if n > 50 else "random",
     )
     return reducer.fit_transform(embeddings).astype(np.float32)
 

@@ -228,17 +228,34 @@ def convert_records(
 ) -> LoadResult:
     """Convert each record; bad ones become SkippedRecords labelled with position and id."""
     result = LoadResult(conversations=[], skipped=[])
+    for item in iter_converted(items, source, convert, id_keys):
+        if isinstance(item, SkippedRecord):
+            result.skipped.append(item)
+        else:
+            result.conversations.append(item)
+    return result
+
+
+def iter_converted(
+    items: Iterable[JsonRecord | BadRecord],
+    source: str,
+    convert: Callable[[Any], Conversation],
+    id_keys: tuple[str, ...],
+) -> Iterator[Conversation | SkippedRecord]:
+    """convert_records one record at a time, in file order (for loading without holding every
+    conversation at once)."""
     for item in items:
         if isinstance(item, BadRecord):
             record_id = next((found for key in id_keys if (found := guess_id(item.head, key))), None)
-            result.skipped.append(SkippedRecord(source, record_label(item.position, record_id), item.reason))
+            yield SkippedRecord(source, record_label(item.position, record_id), item.reason)
             continue
         try:
-            result.conversations.append(convert(item.value))
+            conversation = convert(item.value)
         except RecordError as error:
             label = record_label(item.position, record_id_of(item.value, id_keys))
-            result.skipped.append(SkippedRecord(source, label, str(error)))
-    return result
+            yield SkippedRecord(source, label, str(error))
+            continue
+        yield conversation
 
 
 def record_id_of(value: Any, id_keys: tuple[str, ...]) -> object:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from kura_pipeline.core.loaders._base import (
@@ -9,11 +10,17 @@ from kura_pipeline.core.loaders._base import (
     MessageCollector,
     PathLike,
     RecordError,
+    SkippedRecord,
     optional_timestamp,
     parse_timestamp,
     require,
 )
-from kura_pipeline.core.loaders._json_reader import convert_records, iter_json_list, open_text
+from kura_pipeline.core.loaders._json_reader import (
+    convert_records,
+    iter_converted,
+    iter_json_list,
+    open_text,
+)
 from kura_pipeline.core.models import Conversation
 
 # multimodal_text mixes text parts with image dicts; other types (code, execution_output,
@@ -29,6 +36,13 @@ def load_chatgpt_export(path: PathLike) -> LoadResult:
     with open_text(path) as stream:
         items = iter_json_list(stream, path)
         return convert_records(items, str(path), _conversation, id_keys=("id", "conversation_id"))
+
+
+def iter_chatgpt_export(path: PathLike) -> Iterator[Conversation | SkippedRecord]:
+    """load_chatgpt_export one record at a time, in file order."""
+    with open_text(path) as stream:
+        items = iter_json_list(stream, path)
+        yield from iter_converted(items, str(path), _conversation, id_keys=("id", "conversation_id"))
 
 
 def _conversation(record: Any) -> Conversation:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from kura_pipeline.core.loaders._base import (
@@ -9,11 +10,17 @@ from kura_pipeline.core.loaders._base import (
     MessageCollector,
     PathLike,
     RecordError,
+    SkippedRecord,
     optional_timestamp,
     parse_timestamp,
     require,
 )
-from kura_pipeline.core.loaders._json_reader import convert_records, iter_json_list, open_text
+from kura_pipeline.core.loaders._json_reader import (
+    convert_records,
+    iter_converted,
+    iter_json_list,
+    open_text,
+)
 from kura_pipeline.core.models import Conversation
 
 
@@ -24,6 +31,12 @@ def load_claude_export(path: PathLike) -> LoadResult:
     """
     with open_text(path) as stream:
         return convert_records(iter_json_list(stream, path), str(path), _conversation, id_keys=("uuid",))
+
+
+def iter_claude_export(path: PathLike) -> Iterator[Conversation | SkippedRecord]:
+    """load_claude_export one record at a time, in file order."""
+    with open_text(path) as stream:
+        yield from iter_converted(iter_json_list(stream, path), str(path), _conversation, id_keys=("uuid",))
 
 
 def _conversation(record: Any) -> Conversation:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 
 from kura_pipeline.core.loaders._base import LoadResult, SkippedRecord, record_label
@@ -9,6 +10,37 @@ from kura_pipeline.core.models import Conversation
 
 IDENTICAL_DUPLICATE = "duplicate chat_id (identical)"
 CONFLICTING_DUPLICATE = "duplicate chat_id with different content"
+DUPLICATE_REASONS = frozenset({IDENTICAL_DUPLICATE, CONFLICTING_DUPLICATE})
+
+
+def content_digest(conversation: Conversation) -> bytes:
+    """A fingerprint of everything in a conversation (equal conversations, equal digests)."""
+    return hashlib.blake2b(conversation.model_dump_json().encode("utf-8"), digest_size=16).digest()
+
+
+class Deduplicator:
+    """Keeps the first conversation per chat_id, one conversation at a time.
+
+    It remembers a 16-byte digest per chat_id, not the conversation itself, so a loader can
+    stream: 100,000 conversations cost a few MB here instead of every model held to the end.
+    Record labels are positions among the conversations seen ("#3 (id=abc)").
+    """
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self._digest_of: dict[str, bytes] = {}
+        self._seen = 0
+
+    def skip(self, conversation: Conversation) -> SkippedRecord | None:
+        """None for the first conversation with its chat_id; a SkippedRecord for a later one."""
+        index, self._seen = self._seen, self._seen + 1
+        digest = content_digest(conversation)
+        first = self._digest_of.get(conversation.chat_id)
+        if first is None:
+            self._digest_of[conversation.chat_id] = digest
+            return None
+        reason = IDENTICAL_DUPLICATE if first == digest else CONFLICTING_DUPLICATE
+        return SkippedRecord(self.source, record_label(f"#{index}", conversation.chat_id), reason)
 
 
 def deduplicate(conversations: Iterable[Conversation], source: str) -> LoadResult:
@@ -16,14 +48,12 @@ def deduplicate(conversations: Iterable[Conversation], source: str) -> LoadResul
 
     Record labels are positions in `conversations` ("#3 (id=abc)").
     """
-    first_by_id: dict[str, Conversation] = {}
+    deduplicator = Deduplicator(source)
     result = LoadResult(conversations=[], skipped=[])
-    for index, conversation in enumerate(conversations):
-        first = first_by_id.get(conversation.chat_id)
-        if first is None:
-            first_by_id[conversation.chat_id] = conversation
+    for conversation in conversations:
+        skipped = deduplicator.skip(conversation)
+        if skipped is None:
             result.conversations.append(conversation)
-            continue
-        reason = IDENTICAL_DUPLICATE if conversation == first else CONFLICTING_DUPLICATE
-        result.skipped.append(SkippedRecord(source, record_label(f"#{index}", conversation.chat_id), reason))
+        else:
+            result.skipped.append(skipped)
     return result

@@ -8,7 +8,7 @@ characters, system messages dropped), so pipeline output loads back unchanged.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from kura_pipeline.core.loaders._base import (
@@ -20,7 +20,12 @@ from kura_pipeline.core.loaders._base import (
     build_conversation,
     record_label,
 )
-from kura_pipeline.core.loaders._json_reader import convert_records, iter_json_lines, open_text
+from kura_pipeline.core.loaders._json_reader import (
+    convert_records,
+    iter_converted,
+    iter_json_lines,
+    open_text,
+)
 from kura_pipeline.core.models import Conversation
 
 _REQUIRED_COLUMNS = ("chat_id", "created_at", "messages")
@@ -31,6 +36,13 @@ def load_jsonl(path: PathLike) -> LoadResult:
     with open_text(path) as stream:
         items = iter_json_lines(stream, path)
         return convert_records(items, str(path), conversation_from_row, id_keys=("chat_id",))
+
+
+def iter_jsonl(path: PathLike) -> Iterator[Conversation | SkippedRecord]:
+    """load_jsonl one record at a time, in file order."""
+    with open_text(path) as stream:
+        items = iter_json_lines(stream, path)
+        yield from iter_converted(items, str(path), conversation_from_row, id_keys=("chat_id",))
 
 
 def load_parquet(path: PathLike) -> LoadResult:
