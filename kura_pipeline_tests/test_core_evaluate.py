@@ -195,10 +195,12 @@ def _offline_hierarchy(conversations: list[Conversation]) -> list[Cluster]:
 
 
 # Measured on this machine (2026-11-25) for 5 topics x 8 conversations, clustered offline
-# (MiniLM + k-means at 4 conversations per cluster, Ward above). Level 0: 10 clusters,
-# accuracy 0.80, NMI 0.85, ARI 0.76, purity 0.975, spillover 0.6. Level 1 (top): 4 clusters,
-# accuracy 0.55, NMI 0.66, ARI 0.39, purity 0.575, spillover 0.4 -- Ward merged cooking,
-# poetry and travel into one parent and kept a one-conversation SQL cluster as a top cluster.
+# (MiniLM + k-means at 4 conversations per cluster, size-weighted k-means above). Level 0:
+# 10 clusters, accuracy 0.80, NMI 0.84, ARI 0.73, purity 0.975, spillover 0.8. Level 1 (top):
+# 4 clusters, accuracy 0.80, NMI 0.91, ARI 0.76, purity 0.80, spillover 0.0 -- python, SQL and
+# travel each a top cluster, cooking and poetry merged (4 parents for 5 topics). Ward's method
+# (before) scored 0.55 / 0.66 / 0.39 at the top: it merged cooking, poetry and travel and kept
+# a one-conversation SQL cluster as a top cluster of its own.
 # A random partition of the same sizes scores NMI ~0.4 and ARI ~0 at level 0.
 
 
@@ -209,8 +211,8 @@ def _check_measured_bounds(table: pl.DataFrame) -> None:
     assert base["clusters"] == 10 and top["clusters"] == 4
     assert base["purity"] >= 0.95 and base["nmi"] >= 0.8 and base["ari"] >= 0.7
     assert base["accuracy"] >= 0.75
-    assert top["accuracy"] >= 0.5 and top["nmi"] >= 0.6 and top["ari"] >= 0.35
-    assert top["spillover_rate"] <= 0.4
+    assert top["accuracy"] >= 0.75 and top["nmi"] >= 0.85 and top["ari"] >= 0.7
+    assert top["purity"] >= 0.75 and top["spillover_rate"] <= 0.2
 
 
 def test_evaluation_of_the_offline_pipeline_on_the_labelled_test_topics():

@@ -64,7 +64,7 @@ def meta_clusters(
     stats: dict[str, int] = {}
     if llm.is_offline:
         summary_of = summaries_by_chat(conversation_summaries)
-        plan = plan_level_offline(summary_of)
+        plan = plan_level_offline(summary_of, seed=config.seed)
     else:
         client = llm.client(llm.cluster_client, log=context.log.info)
 

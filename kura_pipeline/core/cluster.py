@@ -33,11 +33,16 @@ def choose_k(
 
 
 def kmeans_labels(
-    embeddings: np.ndarray, k: int, seed: int = 0, init: np.ndarray | None = None
+    embeddings: np.ndarray,
+    k: int,
+    seed: int = 0,
+    init: np.ndarray | None = None,
+    sample_weight: np.ndarray | None = None,
 ) -> np.ndarray:
     """Cluster labels 0..k-1 in order of decreasing cluster size (ties by first member).
 
-    `init` (k centroids) warm-starts k-means from an earlier run, so clusters stay put."""
+    `init` (k centroids) warm-starts k-means from an earlier run, so clusters stay put;
+    `sample_weight` counts each point that many times (e.g. a child cluster by its size)."""
     n = len(embeddings)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
@@ -58,7 +63,7 @@ def kmeans_labels(
     else:
         model = KMeans(n_clusters=k, init=start, n_init=n_init, random_state=seed)
     # Mini-batch k-means may leave a few clusters empty: relabelling drops them.
-    return relabel_by_size(model.fit_predict(embeddings))
+    return relabel_by_size(model.fit_predict(embeddings, sample_weight=sample_weight))
 
 
 def relabel_by_size(labels: np.ndarray) -> np.ndarray:
