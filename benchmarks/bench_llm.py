@@ -20,7 +20,6 @@ same texts are reused with a distinct marker, so every request is distinct.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
@@ -36,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from kura_pipeline.core.llm import LLMClient, LLMSettings
+from kura_pipeline.core.llm import LLMClient, LLMSettings, run_llm
 from kura_pipeline.core.llm_cache import ResponseCache
 from kura_pipeline.core.loaders import load_sharegpt_package
 from kura_pipeline.core.models import Conversation, Message
@@ -75,6 +74,14 @@ class LoopbackProcess:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/_stats", timeout=10) as reply:
             return json.loads(reply.read())
 
+    def mean_answer_seconds(self) -> float:
+        """How long the server itself took per chat call (the latency plus its own work, which
+        grows when the machine is busy): the floor a perfect client could reach with this server."""
+        url = f"http://127.0.0.1:{self.port}/_stats?calls=1"
+        with urllib.request.urlopen(url, timeout=30) as reply:
+            calls = [c for c in json.loads(reply.read())["calls"] if c["endpoint"] == "chat" and c["end"]]
+        return sum(c["end"] - c["start"] for c in calls) / max(len(calls), 1)
+
     def reset(self) -> None:
         request = urllib.request.Request(
             f"http://127.0.0.1:{self.port}/_control", data=json.dumps({"reset": True}).encode(),
@@ -106,19 +113,23 @@ def settings(server: LoopbackProcess, concurrency: int) -> LLMSettings:
     return LLMSettings(model="loopback", base_url=server.base_url, max_concurrency=concurrency)
 
 
-def measure_engine(server: LoopbackProcess, items: list[Conversation], concurrency: int, workdir: Path) -> dict:
+def measure_engine(
+    server: LoopbackProcess, items: list[Conversation], concurrency: int, workdir: Path
+) -> dict:
     server.reset()
     with ResponseCache(workdir / f"engine-{len(items)}.sqlite3") as cache:
         client = LLMClient(settings(server, concurrency), cache=cache)
         started, cpu = time.perf_counter(), time.process_time()
-        run = asyncio.run(summarise_all_with_llm(items, client, DEFAULT_CONVERSATION_CHAR_BUDGET))
+        run = run_llm(summarise_all_with_llm(items, client, DEFAULT_CONVERSATION_CHAR_BUDGET), client)
         seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     return {"seconds": seconds, "summarised": len(run.summaries), "failed": len(run.failures),
             "calls": client.stats.calls, "server": server.stats().get("max_in_flight"),
             "client_cpu_ms_per_call": round(1000 * cpu / max(client.stats.calls, 1), 2)}
 
 
-def measure_asset(server: LoopbackProcess, items: list[Conversation], concurrency: int, workdir: Path) -> dict:
+def measure_asset(
+    server: LoopbackProcess, items: list[Conversation], concurrency: int, workdir: Path
+) -> dict:
     from dagster import instance_for_test, materialize
 
     from kura_pipeline.assets.conversation_summaries import conversation_summaries
@@ -158,7 +169,9 @@ def measure_asset(server: LoopbackProcess, items: list[Conversation], concurrenc
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 6000])
     parser.add_argument("--latency", type=float, default=1.0)
     parser.add_argument("--concurrency", type=int, default=20)
@@ -180,9 +193,12 @@ def main() -> None:
                     result = measure(server, items, args.concurrency, Path(tmp))
                     # Identical conversations in the data share one cached answer: count calls made.
                     floor = result["calls"] * args.latency / args.concurrency
+                    served = server.mean_answer_seconds()
+                    served_floor = result["calls"] * served / args.concurrency
                     row = {"conversations": n, "what": what, "floor_seconds": floor, **result,
-                           "ratio": result["seconds"] / floor, "load_before": load,
-                           "load_after": os.getloadavg()[0]}
+                           "ratio": result["seconds"] / floor, "server_seconds_per_call": served,
+                           "ratio_to_served_floor": result["seconds"] / served_floor,
+                           "load_before": load, "load_after": os.getloadavg()[0]}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     finally:
@@ -193,11 +209,14 @@ def main() -> None:
         "latency": args.latency, "concurrency": args.concurrency,
         "keep_alive": not args.close_connections, "rows": rows,
     }
-    print("\n| conversations | measured | floor s | wall s | ratio | max in flight |")
-    print("|---:|---|---:|---:|---:|---:|")
+    print("\n| conversations | measured | calls | floor s | wall s | ratio | server s/call | ratio to "
+          "served floor | client CPU ms/call | max in flight | load |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for row in rows:
-        print(f"| {row['conversations']:,} | {row['what']} | {row['floor_seconds']:.0f} | "
-              f"{row['seconds']:.1f} | {row['ratio']:.3f} | {row['server']} |")
+        print(f"| {row['conversations']:,} | {row['what']} | {row['calls']} | {row['floor_seconds']:.1f} | "
+              f"{row['seconds']:.1f} | **{row['ratio']:.3f}** | {row['server_seconds_per_call']:.3f} | "
+              f"{row['ratio_to_served_floor']:.3f} | {row.get('client_cpu_ms_per_call', '-')} | "
+              f"{row['server']} | {row['load_before']:.1f}-{row['load_after']:.1f} |")
     if args.json_out:
         args.json_out.write_text(json.dumps(report, indent=2))
 

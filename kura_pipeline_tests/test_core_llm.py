@@ -191,8 +191,10 @@ def test_a_429_with_retry_after_pauses_every_request_of_the_client(server):
     [refused] = [call for call in calls if call["outcome"] == "429"]
     started_after = [call["start"] for call in calls if call["start"] > refused["end"]]
     assert len(started_after) >= 6  # the retry and the calls not yet started
-    # Nothing started inside the pause (a little slack for the two clocks' reading).
-    assert min(started_after) >= refused["end"] + 1.0 - 0.05
+    # Inside the pause, at most the one request the other slot sent before the 429 reached the
+    # client (without the shared pause, that slot would send all six in the second).
+    inside_pause = [start for start in started_after if start < refused["end"] + 1.0 - 0.05]
+    assert len(inside_pause) <= 1, inside_pause
     assert client.stats.retries == 1 and client.stats.failures == 0
 
 

@@ -8,7 +8,7 @@ import asyncio
 import functools
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -24,6 +24,7 @@ from kura_pipeline.core.llm_cache import ResponseCache, cache_key_with_schema_te
 from kura_pipeline.core.prompts import Prompt
 
 T = TypeVar("T", bound=BaseModel)
+R = TypeVar("R")
 
 MODES = {
     "json_schema": instructor.Mode.JSON_SCHEMA,
@@ -219,6 +220,7 @@ class LLMClient:
         self._request_limiter: AsyncLimiter | None = None
         self._token_limiter: AsyncLimiter | None = None
         self._client: Any = None
+        self._raw: openai.AsyncOpenAI | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._resume_at = 0.0  # monotonic time before which no request starts (Retry-After)
 
@@ -240,13 +242,20 @@ class LLMClient:
                 self._request_limiter = request_limiter(self.settings.requests_per_minute)
             if self.settings.tokens_per_minute:
                 self._token_limiter = token_limiter(self.settings.tokens_per_minute)
-            raw = openai.AsyncOpenAI(
+            self._raw = openai.AsyncOpenAI(
                 base_url=self.settings.base_url,
                 api_key=self.settings.api_key,
                 timeout=self.settings.timeout_seconds,
                 max_retries=0,  # retries are ours, so they are counted and honour Retry-After
             )
-            self._client = instructor.from_openai(raw, mode=MODES[self.settings.mode])
+            self._client = instructor.from_openai(self._raw, mode=MODES[self.settings.mode])
+
+    async def aclose(self) -> None:
+        """Close the connections this loop opened (kept-alive ones would otherwise be torn down,
+        noisily, when the loop is gone)."""
+        if self._raw is not None and self._loop is asyncio.get_running_loop():
+            await self._raw.close()
+        self._raw = self._client = self._loop = None
 
     @property
     def semaphore(self) -> asyncio.Semaphore:
@@ -288,7 +297,8 @@ class LLMClient:
         self._ensure_loop_state()
         schema = response_schema_text(response_model)
         key = cache_key_with_schema_text(self.settings.model, prompt.key, messages, schema)
-        if self.cache is not None and (cached := self.cache.get(key)) is not None:
+        # SQLite off the event loop: a slow disk must not hold up the requests in flight.
+        if self.cache is not None and (cached := await asyncio.to_thread(self.cache.get, key)) is not None:
             self.stats.cache_hits += 1
             return response_model.model_validate_json(cached)
         estimate = estimate_tokens(messages, schema, self.settings.max_output_tokens)
@@ -307,8 +317,8 @@ class LLMClient:
             reason = describe(error)
             self.stats.failure_reasons[reason] = self.stats.failure_reasons.get(reason, 0) + 1
             return LLMFailure(reason=reason)
-        if self.cache is not None:
-            self.cache.put(key, prompt.key, result.model_dump_json())
+        if self.cache is not None:  # stored (committed) before the answer is used
+            await asyncio.to_thread(self.cache.put, key, prompt.key, result.model_dump_json())
         return result
 
     async def _pause_if_asked(self) -> None:
@@ -384,6 +394,19 @@ class LLMClient:
             return result
 
         return list(await asyncio.gather(*(tracked(call) for call in calls)))
+
+
+def run_llm(coroutine: Coroutine[Any, Any, R], *clients: LLMClient) -> R:
+    """`asyncio.run` for a stage's LLM work, closing the clients' connections in the same loop."""
+
+    async def main() -> R:
+        try:
+            return await coroutine
+        finally:
+            for client in clients:
+                await client.aclose()
+
+    return asyncio.run(main())
 
 
 def combined_metadata(clients: Sequence[LLMClient]) -> dict[str, Any]:
