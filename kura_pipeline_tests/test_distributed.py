@@ -184,11 +184,16 @@ def postgres() -> Iterator[dict[str, str]]:
     if bindir is None:
         pytest.skip("PostgreSQL binaries (initdb, pg_ctl) are not installed: `make postgres` installs them")
     as_user: list[str] = []
-    folder = Path(tempfile.mkdtemp(prefix="kura-pg-"))
+    owner = None
     if os.geteuid() == 0:
-        owner = pwd.getpwnam("postgres")
-        os.chown(folder, owner.pw_uid, owner.pw_gid)
+        try:
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.fail("as root, initdb needs the `postgres` user (Debian's postgresql package makes it)")
         as_user = ["runuser", "-u", "postgres", "--"]
+    folder = Path(tempfile.mkdtemp(prefix="kura-pg-"))
+    if owner is not None:
+        os.chown(folder, owner.pw_uid, owner.pw_gid)
     port = str(_free_port())
     data = folder / "data"
 
