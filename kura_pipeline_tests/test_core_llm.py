@@ -27,6 +27,7 @@ from kura_pipeline.core.llm import (
     LLMSettings,
     describe,
     estimate_tokens,
+    parse_retry_after,
     response_schema_text,
 )
 from kura_pipeline.core.llm_cache import ResponseCache
@@ -196,6 +197,15 @@ def test_a_429_with_retry_after_pauses_every_request_of_the_client(server):
     inside_pause = [start for start in started_after if start < refused["end"] + 1.0 - 0.05]
     assert len(inside_pause) <= 1, inside_pause
     assert client.stats.retries == 1 and client.stats.failures == 0
+
+
+def test_retry_after_is_read_in_each_form_servers_send():
+    now = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)
+    assert parse_retry_after("1500", "9") == 1.5  # OpenAI's milliseconds win over the seconds
+    assert parse_retry_after(None, "2") == 2.0
+    assert parse_retry_after(None, "Wed, 25 Nov 2026 12:00:30 GMT", now=now) == 30.0
+    assert parse_retry_after(None, "Wed, 25 Nov 2026 11:59:00 GMT", now=now) == 0.0  # already past
+    assert parse_retry_after(None, "soon") is None and parse_retry_after(None, None) is None
 
 
 # ----- 4. the cache -----

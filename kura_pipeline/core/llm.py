@@ -5,11 +5,14 @@ a persistent cache and accounting. No Dagster here: the resource builds one of t
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import email.utils
 import functools
 import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import instructor
@@ -128,14 +131,29 @@ def is_retryable(error: BaseException) -> bool:
 
 
 def retry_after_seconds(error: BaseException) -> float | None:
-    """The server's Retry-After header, when it sent one (seconds form)."""
+    """How long the server asked us to wait: `retry-after-ms` (OpenAI's), or `Retry-After` in
+    seconds or as an HTTP date; None when it did not say."""
     error = _root_cause(error)
     response = getattr(error, "response", None)
-    header = response.headers.get("retry-after") if response is not None else None
-    try:
-        return float(header) if header is not None else None
-    except ValueError:
+    if response is None:
         return None
+    return parse_retry_after(response.headers.get("retry-after-ms"), response.headers.get("retry-after"))
+
+
+def parse_retry_after(
+    milliseconds: str | None, header: str | None, now: datetime | None = None
+) -> float | None:
+    with contextlib.suppress(ValueError):
+        if milliseconds is not None:
+            return max(0.0, float(milliseconds) / 1000)
+    if header is None:
+        return None
+    with contextlib.suppress(ValueError):
+        return max(0.0, float(header))
+    with contextlib.suppress(TypeError, ValueError):
+        when = email.utils.parsedate_to_datetime(header)
+        return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+    return None
 
 
 def usage_of(error: BaseException) -> tuple[int, int]:
