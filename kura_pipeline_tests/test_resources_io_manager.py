@@ -3,7 +3,7 @@
 from pathlib import Path
 
 import polars as pl
-from dagster import DynamicPartitionsDefinition, asset, materialize
+from dagster import AssetIn, DynamicPartitionsDefinition, asset, materialize
 from upath import UPath
 
 from kura_pipeline.core.frames import (
@@ -118,3 +118,24 @@ def test_summaries_by_chat_leaves_failed_rows_out():
     ]
     frame = summaries_to_frame(summaries, failures={"c": "timeout"})
     assert summaries_by_chat(frame) == {"a": "The user asked: a", "b": "The user asked: b"}
+
+
+@asset(partitions_def=partitions, ins={"upstream": AssetIn(metadata={"columns": ["chat_id", "dataset"]})})
+def narrow(upstream: pl.DataFrame) -> pl.DataFrame:
+    return upstream
+
+
+def test_an_input_can_ask_for_some_columns_only(tmp_path: Path):
+    from dagster import DagsterInstance
+
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("datasets", ["alpha"])
+    result = materialize(
+        [upstream, narrow],
+        partition_key="alpha",
+        instance=instance,
+        resources={"io_manager": ParquetIOManager(base_path=str(tmp_path))},
+    )
+    assert result.success
+    assert pl.read_parquet(tmp_path / "narrow" / "alpha.parquet").columns == ["chat_id", "dataset"]
+    assert len(pl.read_parquet(tmp_path / "upstream" / "alpha.parquet").columns) == 4

@@ -2,7 +2,7 @@ import asyncio
 
 import numpy as np
 import polars as pl
-from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
+from dagster import AssetExecutionContext, AssetIn, Config, MetadataValue, Output, asset
 
 from kura_pipeline.core.cluster import base_cluster_groups, centroid, choose_k, cluster_id, slugify
 from kura_pipeline.core.frames import (
@@ -30,7 +30,14 @@ class BaseClustersConfig(Config):
     keep_identity: bool = True  # start from the last run's clusters and keep their ids and names
 
 
-@asset(partitions_def=datasets_partitions, group_name="kura", kinds={"polars", "parquet"}, pool="llm")
+@asset(
+    partitions_def=datasets_partitions,
+    group_name="kura",
+    kinds={"polars", "parquet"},
+    pool="llm",
+    # Only the batch of each conversation is read here: not the messages (1.3 GB at 100,000).
+    ins={"raw_conversations": AssetIn(metadata={"columns": ["chat_id", "batch"]})},
+)
 def base_clusters(
     context: AssetExecutionContext,
     config: BaseClustersConfig,

@@ -57,8 +57,11 @@ class PolarsParquetUPathIOManager(UPathIOManager):
             _copy_then_remove(partial, path)
 
     def load_from_path(self, context: InputContext, path: UPath) -> pl.DataFrame:
+        # An input may ask for some columns only (`AssetIn(metadata={"columns": [...]})`):
+        # Parquet reads just those, e.g. a conversation's batch without its messages.
+        columns = (context.definition_metadata or {}).get("columns")
         with path.open("rb") as file:
-            return pl.read_parquet(file)
+            return pl.read_parquet(file, columns=list(columns) if columns else None)
 
     def get_metadata(self, context: OutputContext, obj: pl.DataFrame) -> dict[str, Any]:
         return {
