@@ -157,6 +157,8 @@ def test_every_mode_gets_structured_answers_and_retries_bad_ones(server, mode):
         "md_json": "```json" in body["messages"][-1]["content"],
     }
     assert shape[mode], body
+    if mode == "json_schema":  # the schema sent is the response model's own, whole
+        assert body["response_format"]["json_schema"]["schema"] == SummaryResponse.model_json_schema()
 
 
 # ----- 2. concurrency: never exceeded, actually reached -----

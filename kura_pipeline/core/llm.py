@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import email.utils
 import functools
+import json
 import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -171,8 +172,20 @@ def usage_of(error: BaseException) -> tuple[int, int]:
 @functools.cache
 def instructor_model(response_model: type[T]) -> type[T]:
     """instructor's wrapper class for a response model, made once: instructor builds it on every
-    call otherwise (pydantic `create_model`, ~7 ms of CPU each, the engine's largest cost)."""
-    return instructor.response_schema(response_model)
+    call otherwise (pydantic `create_model`, ~7 ms of CPU each, the engine's largest cost).
+
+    instructor also asks the class for its JSON schema on every request (~1 ms of pydantic work
+    more); this class is ours and its schema cannot change, so it hands out a fresh copy of the
+    first one (a copy: a caller may edit what it gets)."""
+    wrapped = instructor.response_schema(response_model)
+    generate = wrapped.model_json_schema
+    first = json.dumps(generate())
+
+    def model_json_schema(cls: type[BaseModel], *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return json.loads(first) if not args and not kwargs else generate(*args, **kwargs)
+
+    wrapped.model_json_schema = classmethod(model_json_schema)  # type: ignore[method-assign,assignment]
+    return wrapped
 
 
 @functools.cache
