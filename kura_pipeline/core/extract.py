@@ -2,7 +2,9 @@
 
 An extractor follows Kura's signature idea: it receives the conversation and, by keyword, the
 named LLM clients and their semaphores, and returns one ExtractedProperty, several, or None.
-Plain-code extractors may be ordinary functions; LLM extractors are `async def`.
+Plain-code extractors may be ordinary functions; LLM extractors are `async def`. A client's
+`complete` already holds that client's semaphore while it calls (and is cached, limited and
+retried): an extractor must not hold the semaphore around it, or it waits for itself.
 """
 
 from __future__ import annotations
