@@ -1,4 +1,3 @@
-import asyncio
 
 import numpy as np
 import polars as pl
@@ -13,6 +12,7 @@ from kura_pipeline.core.frames import (
     summaries_by_chat,
 )
 from kura_pipeline.core.identity import batch_counts, farthest_points, match_lineage, previous_centroids
+from kura_pipeline.core.llm import run_llm
 from kura_pipeline.core.models import Cluster
 from kura_pipeline.core.naming import ClusterLabel, llm_labels, offline_labels
 from kura_pipeline.core.privacy import users_from_metadata, withheld_cluster_ids
@@ -88,8 +88,9 @@ def base_clusters(
         labels = {i: all_labels[i] for i in to_name}
     elif to_name:
         client = llm.client(llm.cluster_client, log=context.log.info)
-        named = asyncio.run(
-            llm_labels(client, texts([inside[i] for i in to_name]), texts([outside[i] for i in to_name]))
+        named = run_llm(
+            llm_labels(client, texts([inside[i] for i in to_name]), texts([outside[i] for i in to_name])),
+            client,
         )
         labels = dict(zip(to_name, named, strict=True))
         stats = client.metadata()

@@ -1,4 +1,3 @@
-import asyncio
 from collections.abc import Iterator
 
 import polars as pl
@@ -13,6 +12,7 @@ from dagster import (
 )
 
 from kura_pipeline.core.frames import frame_to_conversations, iter_conversation_chunks, summaries_to_frame
+from kura_pipeline.core.llm import run_llm
 from kura_pipeline.core.summarise import SummaryRun, summarise_all_offline, summarise_all_with_llm
 from kura_pipeline.partitions import datasets_partitions
 from kura_pipeline.resources.llm import LLMResource
@@ -43,7 +43,7 @@ def conversation_summaries(
         # One gather over every conversation: one progress line and ETA for the whole stage.
         client = llm.client(llm.summary_client, log=context.log.info)
         conversations = frame_to_conversations(raw_conversations)
-        run = asyncio.run(summarise_all_with_llm(conversations, client, llm.char_budget))
+        run = run_llm(summarise_all_with_llm(conversations, client, llm.char_budget), client)
         del conversations
         stats = client.metadata()
     if run.failures:

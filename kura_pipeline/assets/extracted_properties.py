@@ -1,11 +1,10 @@
-import asyncio
 
 import polars as pl
 from dagster import AssetExecutionContext, Config, Output, asset
 
 from kura_pipeline.core.extract import extract_properties, load_extractor
 from kura_pipeline.core.frames import iter_conversation_chunks, properties_to_frame
-from kura_pipeline.core.llm import combined_metadata
+from kura_pipeline.core.llm import combined_metadata, run_llm
 from kura_pipeline.partitions import datasets_partitions
 from kura_pipeline.resources.llm import LLMResource
 
@@ -38,7 +37,7 @@ def extracted_properties(
             failures.extend(part.failures)
         return frames, failures
 
-    frames, failures = asyncio.run(extract_in_chunks())
+    frames, failures = run_llm(extract_in_chunks(), *clients.values())
     frame = pl.concat(frames) if frames else properties_to_frame([])
     for failure in failures[:20]:
         context.log.warning(f"extractor failed: {failure}")

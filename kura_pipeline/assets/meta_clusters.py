@@ -1,4 +1,3 @@
-import asyncio
 from collections.abc import Iterator
 
 import polars as pl
@@ -25,6 +24,7 @@ from kura_pipeline.core.hierarchy import (
     plan_level_clio,
     plan_level_offline,
 )
+from kura_pipeline.core.llm import run_llm
 from kura_pipeline.core.privacy import users_from_metadata, withheld_cluster_ids
 from kura_pipeline.core.privacy_audit import audit_clusters, withheld_by_audit
 from kura_pipeline.core.render.tree import render_markdown_tree
@@ -69,7 +69,7 @@ def meta_clusters(
         client = llm.client(llm.cluster_client, log=context.log.info)
 
         def plan(children, centroids, target):  # type: ignore[no-untyped-def]
-            return asyncio.run(plan_level_clio(client, children, centroids, target, seed=config.seed))
+            return run_llm(plan_level_clio(client, children, centroids, target, seed=config.seed), client)
 
     clusters, plans = build_hierarchy(
         frame_to_clusters(base_clusters),
@@ -87,7 +87,7 @@ def meta_clusters(
     audited: set[str] = set()
     if not llm.is_offline:
         shown = [c for c in clusters if c.id not in withheld]
-        audited = withheld_by_audit(asyncio.run(audit_clusters(client, shown)), privacy.min_audit_rating)
+        audited = withheld_by_audit(run_llm(audit_clusters(client, shown), client), privacy.min_audit_rating)
         stats = client.metadata()
     for cluster in clusters:
         cluster.withheld = cluster.id in withheld or cluster.id in audited
