@@ -26,11 +26,13 @@ Nothing is downloaded; the table is generated here, never shipped.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import re
 import tempfile
 import threading
 import time
+import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,9 +159,16 @@ def distil(
     model = minilm._load_model(model_dir)
     tokenizer = model.tokenizer
     vocab = tokenizer.get_vocab_size()
-    keep = distillable_ids(tokenizer)
+    real = distillable_ids(tokenizer)
+    # A token's frequency rank is its place among all real tokens, subset or not.
+    weights = zipf_sif_weights(len(real), sif) if sif is not None else np.ones(len(real), np.float32)
     if token_ids is not None:
-        keep = np.intersect1d(keep, np.fromiter(token_ids, dtype=np.int64))
+        chosen = np.isin(real, np.fromiter(token_ids, dtype=np.int64))
+        keep, weights = real[chosen], weights[chosen]
+    else:
+        keep = real
+    if len(keep) == 0:
+        raise ValueError("no token to distil")
     hidden = model.word_emb.shape[1]
     if dims is not None and not 1 <= dims <= min(hidden, len(keep)):
         raise ValueError(f"dims must be in [1, {min(hidden, len(keep))}], got {dims}")
@@ -178,9 +187,8 @@ def distil(
         mean, axes = _pca(states, dims)
         kept_vectors = (states - mean) @ axes.T
         empty = (empty - mean) @ axes.T
-    if sif is not None:
-        # Rank among the real tokens, in id order (BERT's vocab is stored by frequency).
-        kept_vectors = kept_vectors * zipf_sif_weights(len(keep), sif)[:, None]
+    # Rank among the real tokens, in id order (BERT's vocab is stored by frequency).
+    kept_vectors = kept_vectors * weights[:, None]
     vectors = np.zeros((vocab, kept_vectors.shape[1]), dtype=np.float32)
     vectors[keep] = kept_vectors
     return StaticTable(
@@ -205,7 +213,7 @@ def _read_table(path: Path, vocab: int, dims: int | None) -> StaticTable | None:
     try:
         with np.load(path, allow_pickle=False) as stored:
             vectors, empty = stored["vectors"], stored["empty"]
-    except (OSError, ValueError, KeyError):  # missing, truncated or foreign: distil again
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # missing, truncated, foreign
         return None
     if vectors.dtype != np.float32 or vectors.ndim != 2 or vectors.shape[0] != vocab:
         return None
@@ -260,7 +268,8 @@ def embed_texts(tokenizer: Tokenizer, table: StaticTable, texts: Sequence[str]) 
         lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(chunk))
         indptr = np.zeros(len(chunk) + 1, dtype=np.int64)
         np.cumsum(lengths, out=indptr[1:])
-        ids = np.fromiter((i for e in encodings for i in e.ids), dtype=np.int64, count=int(indptr[-1]))
+        flat = itertools.chain.from_iterable(e.ids for e in encodings)
+        ids = np.fromiter(flat, dtype=np.int64, count=int(indptr[-1]))
         # (texts x vocab) token counts @ (vocab x dims) table: duplicates add up, no gather copy.
         counts = sp.csr_matrix(
             (np.ones(len(ids), dtype=np.float32), ids, indptr), shape=(len(chunk), table.vectors.shape[0])
