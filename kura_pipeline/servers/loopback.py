@@ -20,7 +20,9 @@ Answers: chat completions honour ``response_format`` (``json_schema``, and
 ``json_object`` with a schema found in the messages, as instructor's JSON
 modes send) and ``tools``/``tool_choice`` (instructor's TOOLS mode) with an
 instance generated from the schema, deterministically from a hash of the
-messages; otherwise plain text. Embeddings are deterministic unit vectors.
+messages (a string property named like a list of elements in the prompt,
+``<answers><answer>A</answer>...</answers>``, takes one of their values); otherwise
+plain text. Embeddings are deterministic unit vectors.
 
 Connections: every response carries ``Connection: close`` by default, so each
 request uses a fresh TCP connection. A kept-alive connection that the server
@@ -57,7 +59,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from kura_pipeline.servers.schema_instance import generate_instance, words_from_text
+from kura_pipeline.servers.schema_instance import (
+    generate_instance,
+    tagged_options,
+    words_from_text,
+)
 
 # Named outcomes; any HTTP status code from 400 to 599 ("503") is accepted too.
 OUTCOMES: tuple[str, ...] = ("ok", "429", "500", "timeout", "truncated")
@@ -188,18 +194,29 @@ class Faults:
 
 
 class Stats:
-    """Counts kept by the server, readable from any thread (also at ``GET /_stats``)."""
+    """Counts kept by the server, readable from any thread (also at ``GET /_stats``).
 
-    def __init__(self, log_limit: int = 1000) -> None:
+    Besides the request log (with bodies, ``log_limit`` entries), a compact call log keeps
+    every call's endpoint, outcome, start and end times and the usage the answer reported
+    (``call_log_limit`` entries), with token totals per endpoint: ``GET /_stats?calls=1``.
+    """
+
+    def __init__(self, log_limit: int = 1000, call_log_limit: int = 200_000) -> None:
         self._lock = threading.Lock()
         self._log: deque[dict[str, Any]] = deque(maxlen=log_limit)
+        self._calls: deque[dict[str, Any]] = deque(maxlen=call_log_limit)
+        self._tokens: dict[str, Counter[str]] = {}
         self._requests: Counter[str] = Counter()
         self._outcomes: dict[str, Counter[str]] = {}
         self._in_flight = 0
         self._max_in_flight = 0
         self._disconnects = 0
 
-    def begin(self, endpoint: str, decision: Decision, body: Any) -> None:
+    def begin(self, endpoint: str, decision: Decision, body: Any) -> dict[str, Any]:
+        """Count a call that starts; returns its call-log record (for ``end``)."""
+        now = time.time()
+        record: dict[str, Any] = {"endpoint": endpoint, "outcome": decision.outcome,
+                                  "start": now, "end": None}
         with self._lock:
             self._requests[endpoint] += 1
             self._outcomes.setdefault(endpoint, Counter())[decision.outcome] += 1
@@ -207,18 +224,36 @@ class Stats:
             self._max_in_flight = max(self._max_in_flight, self._in_flight)
             self._log.append({
                 "endpoint": endpoint, "call": decision.call, "outcome": decision.outcome,
-                "time": time.time(), "body": body,
+                "time": now, "body": body,
             })
+            self._calls.append(record)
+        return record
 
-    def end(self, disconnected: bool = False) -> None:
+    def end(
+        self,
+        disconnected: bool = False,
+        record: dict[str, Any] | None = None,
+        usage: dict[str, Any] | None = None,
+    ) -> None:
+        """Count a call that ended; ``usage`` is what its answer reported (if it answered)."""
         with self._lock:
             self._in_flight -= 1
             self._disconnects += int(disconnected)
+            prompt = int((usage or {}).get("prompt_tokens") or 0)
+            completion = int((usage or {}).get("completion_tokens") or 0)
+            if record is not None:
+                record.update(end=time.time(), prompt_tokens=prompt,
+                              completion_tokens=completion)
+                tokens = self._tokens.setdefault(record["endpoint"], Counter())
+                tokens["prompt"] += prompt
+                tokens["completion"] += completion
 
     def reset(self) -> None:
         """Zero the counters and the log; requests still running stay in flight."""
         with self._lock:
             self._log.clear()
+            self._calls.clear()
+            self._tokens.clear()
             self._requests.clear()
             self._outcomes.clear()
             self._max_in_flight = self._in_flight
@@ -262,7 +297,19 @@ class Stats:
         with self._lock:
             return list(self._log)
 
-    def snapshot(self, with_bodies: bool = False) -> dict[str, Any]:
+    def calls(self) -> list[dict[str, Any]]:
+        """The compact call log, oldest first (``end`` is None while a call runs)."""
+        with self._lock:
+            return [dict(c) for c in self._calls]
+
+    def tokens(self) -> dict[str, dict[str, int]]:
+        """Tokens the answers reported, per endpoint: ``{"chat": {"prompt": .., "completion": ..}}``."""
+        with self._lock:
+            return {ep: {"prompt": c["prompt"], "completion": c["completion"]}
+                    for ep, c in self._tokens.items()}
+
+    def snapshot(self, with_bodies: bool = False, with_calls: bool = False) -> dict[str, Any]:
+        tokens = self.tokens() if with_calls else None
         with self._lock:
             snap: dict[str, Any] = {
                 "total": sum(self._requests.values()),
@@ -274,6 +321,9 @@ class Stats:
             }
             if with_bodies:
                 snap["log"] = list(self._log)
+            if with_calls:
+                snap["tokens"] = tokens
+                snap["calls"] = [dict(c) for c in self._calls]
         return snap
 
 
@@ -556,7 +606,7 @@ class LoopbackServer:
                 return _error(400, "request body is not JSON", "invalid_request_error",
                               self._headers())
         decision = self.faults.decide(endpoint)
-        self.stats.begin(endpoint, decision, body)
+        record = self.stats.begin(endpoint, decision, body)
         disconnected = False
         try:
             if decision.latency > 0:
@@ -567,7 +617,8 @@ class LoopbackServer:
                                   self._headers())
             return await self._answer(request, endpoint, decision, body)
         finally:
-            self.stats.end(disconnected or self._client_left(request))
+            self.stats.end(disconnected or self._client_left(request), record,
+                           request.scope.get("loopback.usage"))
 
     @staticmethod
     def _client_left(request: Request) -> bool:
@@ -601,8 +652,10 @@ class LoopbackServer:
                 return _error(400, "the loopback server supports stream=false only",
                               "invalid_request_error", self._headers())
             payload = self._chat_payload(body, decision, truncated=outcome == "truncated")
+            request.scope["loopback.usage"] = payload["usage"]
             return JSONResponse(payload, headers=self._headers())
         payload = self._embeddings_payload(body)
+        request.scope["loopback.usage"] = payload["usage"]
         if outcome == "truncated":
             raw = json.dumps(payload).encode()
             return Response(raw[: len(raw) // 2], media_type="application/json",
@@ -621,7 +674,9 @@ class LoopbackServer:
         words = words_from_text(user_text) or words_from_text(prompt_text)
         mode, schema, tool_name = _requested_schema(body)
         if schema is not None:
-            content = json.dumps(generate_instance(schema, rng, words))
+            content = json.dumps(
+                generate_instance(schema, rng, words, tagged_options(prompt_text))
+            )
             if mode == "fenced":
                 content = f"```json\n{content}\n```"
         else:
@@ -686,7 +741,8 @@ class LoopbackServer:
         return JSONResponse({"status": "ok"}, headers=self._headers())
 
     async def _stats(self, request: Request) -> Response:
-        snap = self.stats.snapshot(with_bodies=request.query_params.get("bodies") == "1")
+        snap = self.stats.snapshot(with_bodies=request.query_params.get("bodies") == "1",
+                                   with_calls=request.query_params.get("calls") == "1")
         snap["faults"] = self.faults.as_dict()
         return JSONResponse(snap, headers=self._headers())
 

@@ -7,6 +7,12 @@ first non-null branch), ``allOf``, nullable type lists, enums/consts, string
 length bounds and common formats, numeric bounds, arrays (``items``,
 ``prefixItems``, ``minItems``/``maxItems``, ``uniqueItems``) and dicts
 (``additionalProperties``). ``pattern`` and ``multipleOf`` are not honoured.
+
+A prompt that offers its options as a list of elements named after a string
+property (``<answers><answer>A</answer><answer>B</answer></answers>`` for a
+property ``answer``, as Kura's parent assignment does) gets one of those
+options in that property, as a model that follows the prompt would answer:
+see ``tagged_options``.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from __future__ import annotations
 import math
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 # Used when the request itself offers too few words to make text from.
@@ -25,6 +31,9 @@ FALLBACK_WORDS: tuple[str, ...] = (
 )
 
 _WORD_RE = re.compile(r"[A-Za-z][A-Za-z'-]{2,}")
+_TAGGED_RE = re.compile(r"<([A-Za-z_][A-Za-z0-9_-]*)>([^<]*)</\1>")
+_BLOCK_RE = re.compile(r"<([A-Za-z_][A-Za-z0-9_-]*)>(.*?)</\1>", re.DOTALL)
+_PLACEHOLDER_RE = re.compile(r"^\[.*\]$", re.DOTALL)
 # Past this depth optional parts are dropped so recursive models terminate.
 _MAX_DEPTH = 6
 _FORMATS: dict[str, str] = {
@@ -48,18 +57,47 @@ def words_from_text(text: str, limit: int = 400) -> list[str]:
     return list(seen)
 
 
+def tagged_options(text: str) -> dict[str, list[str]]:
+    """Options offered as a list of elements inside another element:
+    ``{"answer": ["A", "B"]}`` for ``<answers><answer>A</answer><answer>B</answer></answers>``.
+
+    Elements outside a list (an output format such as ``<name> [your name] </name>``) and
+    bracketed placeholders are not options.
+    """
+    options: dict[str, list[str]] = {}
+    for container in _BLOCK_RE.finditer(text):
+        for item in _TAGGED_RE.finditer(container.group(2)):
+            value = item.group(2).strip()
+            if item.group(1) != container.group(1) and value and not _PLACEHOLDER_RE.match(value):
+                options.setdefault(item.group(1), []).append(value)
+    return options
+
+
 def generate_instance(
-    schema: dict[str, Any], rng: random.Random, words: Sequence[str] = ()
+    schema: dict[str, Any],
+    rng: random.Random,
+    words: Sequence[str] = (),
+    choices: Mapping[str, Sequence[str]] | None = None,
 ) -> Any:
-    """Return a value valid for ``schema``; the same rng seed gives the same value."""
-    return _Generator(schema, rng, words).value(schema, 0)
+    """Return a value valid for ``schema``; the same rng seed gives the same value.
+
+    ``choices`` maps a property name to the options a string property of that name takes.
+    """
+    return _Generator(schema, rng, words, choices).value(schema, 0)
 
 
 class _Generator:
-    def __init__(self, root: dict[str, Any], rng: random.Random, words: Sequence[str]) -> None:
+    def __init__(
+        self,
+        root: dict[str, Any],
+        rng: random.Random,
+        words: Sequence[str],
+        choices: Mapping[str, Sequence[str]] | None = None,
+    ) -> None:
         self.root = root
         self.rng = rng
         self.words = list(words) if len(words) >= 3 else list(words) + list(FALLBACK_WORDS)
+        self.choices = {k: list(v) for k, v in (choices or {}).items() if v}
 
     def resolve(self, schema: dict[str, Any]) -> dict[str, Any]:
         """Follow local ``$ref`` pointers (``#/$defs/X``, ``#/definitions/X``)."""
@@ -220,6 +258,11 @@ class _Generator:
             # Optional properties are filled too (richer answers), except deep down.
             if name in required or depth < _MAX_DEPTH:
                 out[name] = self.value(prop, depth + 1)
+                if name in self.choices and isinstance(out[name], str):
+                    limit = self.resolve(prop).get("maxLength") if isinstance(prop, dict) else None
+                    fitting = [c for c in self.choices[name] if limit is None or len(c) <= limit]
+                    if fitting:
+                        out[name] = self.rng.choice(fitting)
         extra = schema.get("additionalProperties")
         want = int(schema.get("minProperties", 0))
         if isinstance(extra, dict) and not props and depth < _MAX_DEPTH:
