@@ -89,6 +89,11 @@ class LoopbackProcess:
         )
         urllib.request.urlopen(request, timeout=10).read()
 
+    def cpu_seconds(self) -> float:
+        """CPU the server process has used so far (user + system), from /proc."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=10)
@@ -190,7 +195,9 @@ def main() -> None:
                 for what in args.what:
                     load = os.getloadavg()[0]
                     measure = measure_engine if what == "engine" else measure_asset
+                    server_cpu = server.cpu_seconds()
                     result = measure(server, items, args.concurrency, Path(tmp))
+                    server_cpu = server.cpu_seconds() - server_cpu
                     # Identical conversations in the data share one cached answer: count calls made.
                     floor = result["calls"] * args.latency / args.concurrency
                     served = server.mean_answer_seconds()
@@ -198,6 +205,7 @@ def main() -> None:
                     row = {"conversations": n, "what": what, "floor_seconds": floor, **result,
                            "ratio": result["seconds"] / floor, "server_seconds_per_call": served,
                            "ratio_to_served_floor": result["seconds"] / served_floor,
+                           "server_cpu_ms_per_call": round(1000 * server_cpu / max(result["calls"], 1), 2),
                            "load_before": load, "load_after": os.getloadavg()[0]}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
@@ -210,12 +218,13 @@ def main() -> None:
         "keep_alive": not args.close_connections, "rows": rows,
     }
     print("\n| conversations | measured | calls | floor s | wall s | ratio | server s/call | ratio to "
-          "served floor | client CPU ms/call | max in flight | load |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+          "served floor | client CPU ms/call | server CPU ms/call | max in flight | load |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for row in rows:
         print(f"| {row['conversations']:,} | {row['what']} | {row['calls']} | {row['floor_seconds']:.1f} | "
               f"{row['seconds']:.1f} | **{row['ratio']:.3f}** | {row['server_seconds_per_call']:.3f} | "
               f"{row['ratio_to_served_floor']:.3f} | {row.get('client_cpu_ms_per_call', '-')} | "
+              f"{row['server_cpu_ms_per_call']} | "
               f"{row['server']} | {row['load_before']:.1f}-{row['load_after']:.1f} |")
     if args.json_out:
         args.json_out.write_text(json.dumps(report, indent=2))
