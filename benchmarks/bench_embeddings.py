@@ -31,6 +31,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_evaluation  # noqa: E402  (the evaluation harness: BBC News as conversations)
 
+import kura_pipeline.assets  # noqa: E402, F401  (before EmbedderResource is swapped in `quality`)
+from kura_pipeline.assets import evaluation as _evaluation_asset  # noqa: E402, F401
 from kura_pipeline.core import static_embed  # noqa: E402
 from kura_pipeline.core.embed import MiniLMEmbedder  # noqa: E402
 from kura_pipeline.core.embedding_cache import embed_with_cache  # noqa: E402
@@ -180,6 +182,9 @@ def main() -> None:
     )
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/kura_embeddings"))
     parser.add_argument("--skip-quality", action="store_true", help="speed and distillation only")
+    parser.add_argument(
+        "--quality-only", action="store_true", help="part 3 only, on the table and vectors of an earlier run"
+    )
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
 
@@ -189,8 +194,9 @@ def main() -> None:
     print(f"# Embeddings benchmark, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {platform.node()}")
     print(f"{os.cpu_count()} CPUs, Python {platform.python_version()}, {load()}\n")
 
-    static = distillation(args.workdir)
-    speed(args.workdir, texts, static)
+    if not args.quality_only:
+        static = distillation(args.workdir)
+        speed(args.workdir, texts, static)
     if not args.skip_quality:
         registry = bench_evaluation.write_dataset(args.workdir, conversations)
         # Both pipeline runs of a model share its embedding cache and (static) its table.

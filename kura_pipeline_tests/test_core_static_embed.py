@@ -281,3 +281,18 @@ def test_summary_embeddings_asset_with_the_static_model(
     np.fill_diagonal(similarity, -1)
     nearest = similarity.argmax(axis=1)
     assert np.mean([topic[i] == topic[j] for i, j in enumerate(nearest)]) >= 0.9
+
+
+def test_kura_embeddings_model_selects_the_static_model_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kura_pipeline.definitions import build_resources
+
+    for name in ("KURA_LLM_MODEL", "KURA_LLM_BASE_URL", "OPENAI_API_KEY", "KURA_EMBEDDINGS_MODEL"):
+        monkeypatch.delenv(name, raising=False)
+    default = build_resources()["embedder"]
+    assert (default.backend, default.model) == ("local", "all-MiniLM-L6-v2")  # MiniLM stays the default
+    monkeypatch.setenv("KURA_EMBEDDINGS_MODEL", "minilm-static")
+    static = build_resources()["embedder"]
+    assert (static.backend, static.model) == ("local", "minilm-static")
+    monkeypatch.setenv("KURA_EMBEDDINGS_MODEL", "text-embedding-3-small")
+    endpoint = build_resources()["embedder"]
+    assert (endpoint.backend, endpoint.model) == ("openai", "text-embedding-3-small")
