@@ -17,6 +17,7 @@ from kura_pipeline.core.cluster import (
     slugify,
 )
 from kura_pipeline.core.hierarchy import (
+    assign_unmatched,
     build_hierarchy,
     hierarchy_problems,
     level_target,
@@ -340,3 +341,12 @@ def test_hierarchy_offline_parents_hold_exactly_their_childrens_members():
     for c in everything:
         if c.id in by_parent:
             assert sorted(by_parent[c.id]) == c.chat_ids
+
+
+def test_children_the_model_did_not_place_follow_their_nearest_placed_sibling():
+    centroids = np.array([[1.0, 0.0], [0.95, 0.3], [0.0, 1.0], [0.3, 0.95], [0.9, -0.4]])
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    # Children 1, 3 and 4 got no usable answer: each joins the parent of its nearest answered one.
+    assert assign_unmatched([0, None, 1, None, None], centroids) == [0, 0, 1, 1, 0]
+    assert assign_unmatched([2, 0, 1, 1, 0], centroids) == [2, 0, 1, 1, 0]  # answers are kept
+    assert assign_unmatched([None] * 5, centroids) is None  # nothing to extend: the caller regroups

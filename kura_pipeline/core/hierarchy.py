@@ -159,6 +159,22 @@ def match_name(reply: str, names: list[str]) -> int | None:
     return lowered.index(close[0]) if close else None
 
 
+def assign_unmatched(matched: list[int | None], centroids: np.ndarray) -> list[int] | None:
+    """Children whose reply failed or named no parent go where their nearest matched sibling
+    (by centroid) went: the model's own grouping, extended, rather than one catch-all parent.
+    None when no child was matched at all."""
+    known = np.array([i for i, parent in enumerate(matched) if parent is not None], dtype=int)
+    if known.size == 0:
+        return None
+    assignment = [parent if parent is not None else -1 for parent in matched]
+    missing = [i for i, parent in enumerate(matched) if parent is None]
+    if missing:
+        nearest = known[np.argmax(centroids[missing] @ centroids[known].T, axis=1)]
+        for child, sibling in zip(missing, nearest, strict=True):
+            assignment[child] = assignment[int(sibling)]
+    return assignment
+
+
 def _unique(names: list[str]) -> list[str]:
     seen: dict[str, str] = {}
     for name in names:
@@ -215,16 +231,11 @@ async def plan_level_clio(
         return await client.complete(ASSIGN_PARENT_PROMPT, messages, AssignmentResponse)
 
     replies = await client.gather([assign(c) for c in children], label="parent assignment")
-    assignment: list[int] = []
-    fallbacks = 0
-    for child, reply in zip(children, replies, strict=True):
-        index = None if isinstance(reply, LLMFailure) else match_name(reply.parent, parents)
-        if index is None:
-            # Unanswered or unmatched: the parent whose name reads closest to the child's.
-            fallbacks += 1
-            index = match_name(child.name, parents)
-            index = 0 if index is None else index
-        assignment.append(index)
+    matched = [None if isinstance(r, LLMFailure) else match_name(r.parent, parents) for r in replies]
+    assignment = assign_unmatched(matched, centroids)
+    if assignment is None:  # not one reply named a parent: group the children without the model
+        return _offline_fallback(children, centroids, target)
+    fallbacks = sum(1 for index in matched if index is None)
 
     # 5. Rename each parent from the children it actually got.
     async def rename(p: int) -> ClusterNameResponse | LLMFailure | None:
