@@ -52,7 +52,7 @@ def free_port() -> int:
 class LoopbackProcess:
     """`python -m kura_pipeline.servers.loopback` in a process of its own."""
 
-    def __init__(self, latency: float, keep_alive: bool = True):
+    def __init__(self, latency: float, keep_alive: bool = False):
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self.process = subprocess.Popen(
@@ -181,12 +181,12 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=1.0)
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--what", nargs="+", choices=["engine", "asset"], default=["engine", "asset"])
-    parser.add_argument("--close-connections", action="store_true",
-                        help="a new TCP connection per request (the server's default), not kept alive")
+    parser.add_argument("--keep-alive", action="store_true",
+                        help="keep connections open (this server then answers ~45 ms late)")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
 
-    server = LoopbackProcess(args.latency, keep_alive=not args.close_connections)
+    server = LoopbackProcess(args.latency, keep_alive=args.keep_alive)
     rows: list[dict[str, Any]] = []
     try:
         with tempfile.TemporaryDirectory(prefix="kura_bench_llm_") as tmp:
@@ -215,7 +215,7 @@ def main() -> None:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "node": platform.node()},
         "latency": args.latency, "concurrency": args.concurrency,
-        "keep_alive": not args.close_connections, "rows": rows,
+        "keep_alive": args.keep_alive, "rows": rows,
     }
     print("\n| conversations | measured | calls | floor s | wall s | ratio | server s/call | ratio to "
           "served floor | client CPU ms/call | server CPU ms/call | max in flight | load |")

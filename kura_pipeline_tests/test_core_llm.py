@@ -23,6 +23,7 @@ import pytest
 from pydantic import BaseModel, field_validator
 
 from kura_pipeline.core.llm import (
+    MAX_PACING_SECONDS,
     LLMClient,
     LLMSettings,
     describe,
@@ -178,6 +179,18 @@ def test_configured_concurrency_is_reached_and_never_exceeded(server):
     # Progress: every ~5 s and once at the end; this stage is shorter, so the end line only.
     progress = [m for m in messages if m.startswith("summaries:")]
     assert len(progress) == 1 and progress[0].startswith("summaries: 40/40 done")
+
+
+def test_request_starts_are_spread_so_replies_do_not_come_back_in_waves(server):
+    """After the first wave, requests start evenly spaced (the endpoint's latency over the
+    slots, here capped at 25 ms), not all together each time a wave of replies lands."""
+    server.faults.set(latency=0.2)
+    client = LLMClient(fast_settings(server, max_concurrency=6))
+    label_all(client, 30)
+    starts = request_times(server)
+    gaps = sorted(later - earlier for earlier, later in zip(starts[6:], starts[7:], strict=False))
+    assert gaps[0] >= MAX_PACING_SECONDS - 0.005, gaps  # no two together (timer slack)
+    assert server.stats.max_in_flight == 6  # and the concurrency is still reached
 
 
 # ----- 3. Retry-After -----

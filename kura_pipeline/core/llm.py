@@ -41,6 +41,10 @@ MODES = {
 # A reply's size is unknown until it arrives: the tokens-per-minute budget reserves this much
 # for it (or `max_output_tokens` when set), and settles the difference once usage is known.
 DEFAULT_OUTPUT_TOKEN_ESTIMATE = 400
+# Request starts are spaced by this share of (latency / concurrency), never more than the cap:
+# just faster than slots free up in steady state, and enough apart to handle each reply alone.
+PACING_SHARE = 0.9
+MAX_PACING_SECONDS = 0.025
 # Roughly four characters a token for English text and JSON; only used for the reservation.
 CHARS_PER_TOKEN = 4
 
@@ -254,6 +258,8 @@ class LLMClient:
         self._raw: openai.AsyncOpenAI | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._resume_at = 0.0  # monotonic time before which no request starts (Retry-After)
+        self._latency: float | None = None  # moving average of a successful call's duration
+        self._next_start = 0.0  # monotonic time before which the next request does not start
 
     def __repr__(self) -> str:
         return f"LLMClient({self.settings!r})"
@@ -356,6 +362,24 @@ class LLMClient:
         while (pause := self._resume_at - time.monotonic()) > 0:
             await asyncio.sleep(pause)
 
+    async def _pace(self) -> None:
+        """Space request starts across the endpoint's latency (at most `MAX_PACING_SECONDS`
+        apart, and always a little faster than the slots free up, so throughput never drops).
+
+        Replies that come back together are parsed one after another in this one event loop, a
+        few milliseconds each, and round-robin scheduling finishes them all together too: with
+        an endpoint of steady latency the slots then move in waves that each wait for the whole
+        wave's parsing (measured: ~9 % over the floor at 20 slots). Evenly spaced starts keep
+        the replies, and the work on them, apart."""
+        spacing = 0.0
+        if self._latency is not None:
+            spacing = min(PACING_SHARE * self._latency / self.settings.max_concurrency, MAX_PACING_SECONDS)
+        now = time.monotonic()
+        start = max(now, self._next_start)
+        self._next_start = start + spacing
+        if start > now:
+            await asyncio.sleep(start - now)
+
     async def _call(self, messages: list[dict[str, str]], response_model: type[T], estimate: int) -> T:
         assert self._semaphore is not None
         await self._pause_if_asked()
@@ -366,12 +390,14 @@ class LLMClient:
             await self._token_limiter.acquire(estimate)
         async with self._semaphore:
             await self._pause_if_asked()  # a 429 may have come while this request queued
+            await self._pace()
             self.stats.calls += 1
             kwargs: dict[str, Any] = {}
             if self.settings.extra_body:
                 kwargs["extra_body"] = self.settings.extra_body
             if self.settings.max_output_tokens:
                 kwargs["max_tokens"] = self.settings.max_output_tokens
+            sent_at = time.monotonic()
             try:
                 result, completion = await self._client.chat.completions.create_with_completion(
                     model=self.settings.model,
@@ -386,6 +412,8 @@ class LLMClient:
                 self.stats.input_tokens += sent
                 self.stats.output_tokens += received
                 raise
+            took = time.monotonic() - sent_at
+            self._latency = took if self._latency is None else 0.8 * self._latency + 0.2 * took
         usage = getattr(completion, "usage", None)
         used = 0
         if usage is not None:
