@@ -24,7 +24,7 @@ from instructor.core import InstructorRetryException
 from pydantic import BaseModel, ValidationError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
-from kura_pipeline.core.llm_cache import ResponseCache, cache_key_with_schema_text, schema_text
+from kura_pipeline.core.llm_cache import ResponseCache, cache_key, schema_text
 from kura_pipeline.core.prompts import Prompt
 
 T = TypeVar("T", bound=BaseModel)
@@ -333,7 +333,7 @@ class LLMClient:
         """One structured call, answered from the cache when it was paid for before."""
         self._ensure_loop_state()
         schema = response_schema_text(response_model)
-        key = cache_key_with_schema_text(self.settings.model, prompt.key, messages, schema)
+        key = cache_key(self.settings.model, prompt.key, messages, schema)
         # SQLite off the event loop: a slow disk must not hold up the requests in flight.
         if self.cache is not None and (cached := await asyncio.to_thread(self.cache.get, key)) is not None:
             self.stats.cache_hits += 1

@@ -23,22 +23,15 @@ from typing import Any, Self
 BUSY_TIMEOUT_SECONDS = 30.0
 
 
-def cache_key(model: str, prompt_key: str, messages: list[dict[str, str]], schema: dict[str, Any]) -> str:
-    """The answer depends on the model, the prompt's version, the input and the response schema."""
-    payload = json.dumps([model, prompt_key, messages, schema], sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
-
-
 def schema_text(schema: dict[str, Any]) -> str:
-    """The schema as `cache_key` serialises it; computed once per response model by callers."""
+    """A response schema serialised for `cache_key`; callers compute it once per response model."""
     return json.dumps(schema, sort_keys=True, ensure_ascii=False)
 
 
-def cache_key_with_schema_text(
-    model: str, prompt_key: str, messages: list[dict[str, str]], schema_json: str
-) -> str:
-    """`cache_key` with the schema already serialised by `schema_text`: the same key, without
-    serialising the same schema again on every call (JSON lists join items with ", ")."""
+def cache_key(model: str, prompt_key: str, messages: list[dict[str, str]], schema_json: str) -> str:
+    """The answer depends on the model, the prompt's version, the input and the response schema
+    (`schema_text`). The payload is the JSON list of the four, as `json.dumps` writes it (items
+    joined with ", "), so keys stay those of caches written before the schema was pre-serialised."""
     dump = functools.partial(json.dumps, sort_keys=True, ensure_ascii=False)
     payload = f"[{dump(model)}, {dump(prompt_key)}, {dump(messages)}, {schema_json}]"
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
