@@ -13,10 +13,10 @@ from typing import Any
 import polars as pl
 import pytest
 
+from kura_pipeline.core.frames import conversations_to_frame, frame_to_conversations
 from kura_pipeline.core.loaders import (
     DUPLICATE_REASONS,
     LOADERS,
-    PLACEHOLDER_CREATED_AT,
     Deduplicator,
     LoaderError,
     LoadResult,
@@ -239,7 +239,7 @@ def test_sharegpt_merges_split_parts_in_order() -> None:
     assert launch.messages[3].content.startswith("Days 1-10")  # part 1 follows part 0
     assert launch.messages[5].content.startswith("Days 21-30")  # part 4 (parts 2-3 are missing)
     assert launch.metadata == {"source": "sharegpt", "sharegpt_parts": [0, 1, 4]}
-    assert launch.created_at == PLACEHOLDER_CREATED_AT == utc(2023, 1, 1)
+    assert launch.created_at is None  # ShareGPT has no dates: unknown, not a made-up day
 
     teapot = result.conversations[1]
     assert turns(teapot)[1] == ("assistant", "\"I'm a teapot\": an April Fools' joke from RFC 2324.")
@@ -393,7 +393,7 @@ def test_sharegpt_merging_can_be_turned_off_for_ids_that_only_look_split(tmp_pat
     assert separate.conversations[0].metadata == {"source": "sharegpt"}
 
 
-def test_sharegpt_repeated_part_starts_a_new_conversation_that_load_reports(tmp_path: Path) -> None:
+def test_sharegpt_repeated_part_is_reported_as_a_duplicate_at_its_record(tmp_path: Path) -> None:
     records = [
         {"id": "abc_0", "conversations": [{"from": "human", "value": "first"}]},
         {"id": "abc_1", "conversations": [{"from": "gpt", "value": "second"}]},
@@ -409,10 +409,72 @@ def test_sharegpt_repeated_part_starts_a_new_conversation_that_load_reports(tmp_
     assert [(c.chat_id, len(c.messages)) for c in result.conversations] == [("abc", 2), ("ts", 1)]
     assert result.conversations[1].created_at == utc(2023, 3, 5, 10)
     assert skipped_pairs(result) == [
+        ("#2 (id=abc_1)", "duplicate chat_id with different content"),
         ("#3 (id=bad)", "message #0: unknown role 'narrator'"),
         ("#4", "missing field 'id'"),
-        ("#1 (id=abc)", "duplicate chat_id with different content"),
     ]
+
+
+def _sharegpt_record(record_id: str, text: str) -> dict[str, Any]:
+    return {
+        "id": record_id,
+        "conversations": [{"from": "human", "value": text}, {"from": "gpt", "value": "ok"}],
+    }
+
+
+def test_sharegpt_parts_are_merged_wherever_they_are_in_the_file(tmp_path: Path) -> None:
+    records = [
+        _sharegpt_record("abc_1", "abc second"),
+        _sharegpt_record("xyz_0", "xyz first"),
+        _sharegpt_record("abc_0", "abc first"),
+        _sharegpt_record("solo", "alone"),
+        _sharegpt_record("xyz_7", "xyz last"),
+        _sharegpt_record("abc_3", "abc third"),
+    ]
+    path = write_json(tmp_path / "scattered.json", records)
+
+    result = load("sharegpt", path=path)
+
+    # In order of each conversation's first record; parts in part-number order.
+    assert [(c.chat_id, c.metadata.get("sharegpt_parts")) for c in result.conversations] == [
+        ("abc", [0, 1, 3]),
+        ("xyz", [0, 7]),
+        ("solo", None),
+    ]
+    assert [text for role, text in turns(result.conversations[0]) if role == "user"] == [
+        "abc first",
+        "abc second",
+        "abc third",
+    ]
+    assert result.skipped == []
+    # A limit picks conversations, not records: the first one still gets its late parts, and
+    # records of conversations past the limit are neither loaded nor reported.
+    first = load_sharegpt(path, max_conversations=1)
+    assert [(c.chat_id, c.metadata["sharegpt_parts"]) for c in first.conversations] == [("abc", [0, 1, 3])]
+    assert first.skipped == []
+
+
+def test_sharegpt_without_timestamps_has_an_unknown_date_in_the_model_and_the_table(tmp_path: Path) -> None:
+    records = [
+        _sharegpt_record("undated_0", "when was this?"),
+        {**_sharegpt_record("dated", "and this?"), "timestamp": "2023-03-05T10:00:00Z"},
+    ]
+    path = write_json(tmp_path / "dates.json", records)
+
+    undated, dated = load_sharegpt(path).conversations
+
+    assert undated.created_at is None  # unknown: no made-up day
+    assert dated.created_at == utc(2023, 3, 5, 10)
+    frame = conversations_to_frame([undated, dated])
+    assert frame["created_at"].to_list() == [None, utc(2023, 3, 5, 10)]
+    assert frame.schema["created_at"] == pl.Datetime("us", "UTC")
+    assert frame_to_conversations(frame) == [undated, dated]
+    # Pipeline output loads back with the date still unknown.
+    table = tmp_path / "raw_conversations.parquet"
+    frame.write_parquet(table)
+    assert load_parquet(table).conversations == [undated, dated]
+    lines = write_jsonl(tmp_path / "raw_conversations.jsonl", [undated.model_dump(mode="json")])
+    assert load_jsonl(lines).conversations == [undated]
 
 
 def test_sharegpt_package_first_50_conversations() -> None:
@@ -629,7 +691,7 @@ def test_hf_dataset_maps_rows_with_the_given_functions(tmp_path: Path) -> None:
     assert result.skipped[0].source == f"json:{data_file}[train]"
 
     limited = load_hf_dataset("json", max_conversations=1, **options | {"created_at_fn": None})
-    assert [(c.chat_id, c.created_at) for c in limited.conversations] == [("hf-1", PLACEHOLDER_CREATED_AT)]
+    assert [(c.chat_id, c.created_at) for c in limited.conversations] == [("hf-1", None)]
 
     with pytest.raises(LoaderError, match="cannot load dataset"):
         load_hf_dataset("json", **options | {"data_files": str(tmp_path / "missing.jsonl")})

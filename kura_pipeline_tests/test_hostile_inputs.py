@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import polars as pl
 import pytest
 
 from kura_pipeline.core.loaders import LoaderError, load
@@ -144,3 +145,55 @@ def test_a_json_object_where_sharegpt_expects_records_is_a_counted_skip(tmp_path
     result = load("sharegpt", path=str(path))
     assert result.conversations == []
     assert [(s.source, s.record) for s in result.skipped] == [(str(path), "line 1")]
+
+
+def test_raw_conversations_materializes_past_hostile_records_and_counts_them(tmp_path):
+    """The asset, not just the loader: lone surrogates, invalid UTF-8 and a record nested
+    100,000 deep in a ShareGPT file (the demo's format) with scattered parts and no dates."""
+    from dagster import instance_for_test, materialize
+
+    from kura_pipeline.assets.raw_conversations import raw_conversations
+    from kura_pipeline.resources.io_manager import ParquetIOManager
+    from kura_pipeline.resources.registry import DatasetRegistry
+
+    def record(record_id: str, text: str) -> str:
+        conversation = {"id": record_id, "conversations": [{"from": "human", "value": text}]}
+        return json.dumps(conversation, ensure_ascii=False)
+
+    records = [
+        record("split_1", "second part"),
+        record("plain", "nothing odd here"),
+        '{"id": "surrogate", "conversations": [{"from": "human", "value": "caf\\ud800"}]}',
+        '{"id": "deep", "conversations": ' + "[" * 100_000 + "]" * 100_000 + "}",
+        record("split_0", "first part"),
+    ]
+    # The last record is written in Latin-1: two bytes that are not UTF-8.
+    latin1 = record("latin1", "r\xe9sum\xe9").encode("latin-1")
+    raw = ("[" + ",\n".join(records) + ",\n").encode() + latin1 + b"]"
+    (tmp_path / "chats.json").write_bytes(raw)
+    (tmp_path / "datasets.yaml").write_text(
+        "datasets:\n  hostile:\n    loader: sharegpt\n    options: {path: chats.json}\n", encoding="utf-8"
+    )
+    with instance_for_test() as instance:
+        instance.add_dynamic_partitions("datasets", ["hostile"])
+        result = materialize(
+            [raw_conversations],
+            partition_key="hostile",
+            instance=instance,
+            resources={
+                "io_manager": ParquetIOManager(base_path=str(tmp_path / "data")),
+                "registry": DatasetRegistry(path=str(tmp_path / "datasets.yaml")),
+            },
+        )
+    assert result.success
+    [materialization] = result.asset_materializations_for_node("raw_conversations")
+    metadata = {key: value.value for key, value in materialization.metadata.items()}
+    assert metadata["conversations"] == 4
+    assert metadata["skipped_records"] == 1
+    assert "| #3 (id=deep) | nested too deeply to read" in metadata["skipped"]
+    assert metadata["replaced_characters"] == 3  # one lone surrogate, two invalid bytes
+    table = pl.read_parquet(tmp_path / "data" / "raw_conversations" / "hostile.parquet")
+    assert table["chat_id"].to_list() == ["split", "plain", "surrogate", "latin1"]
+    assert table["created_at"].null_count() == 4  # ShareGPT has no dates: null, not a made-up day
+    texts = [message["content"] for messages in table["messages"].to_list() for message in messages]
+    assert texts == ["first part", "second part", "nothing odd here", "caf\ufffd", "r\ufffdsum\ufffd"]

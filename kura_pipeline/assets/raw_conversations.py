@@ -18,7 +18,8 @@ def raw_conversations(context: AssetExecutionContext, registry: DatasetRegistry)
 
     Records that cannot be used are skipped, counted and listed here with their reason;
     a file that cannot be read at all fails the run with a message naming it, and the
-    stored table stays as it was.
+    stored table stays as it was. Characters replaced by U+FFFD (invalid UTF-8 bytes, lone
+    surrogates) are counted too. created_at is null where the source has no date.
     """
     spec = registry.get(context.partition_key)
     # Conversations go into the table a chunk at a time as they are read: at 100,000
@@ -58,7 +59,7 @@ def raw_conversations(context: AssetExecutionContext, registry: DatasetRegistry)
         )
     skipped_table = "\n".join(
         ["| source | record | reason |", "|---|---|---|"]
-        + [f"| {s.source} | {s.record} | {s.reason} |" for s in skipped[:SKIPS_SHOWN]]
+        + [f"| {_cell(s.source)} | {_cell(s.record)} | {_cell(s.reason)} |" for s in skipped[:SKIPS_SHOWN]]
     )
     return Output(
         builder.frame(),
@@ -70,6 +71,13 @@ def raw_conversations(context: AssetExecutionContext, registry: DatasetRegistry)
             "batches": len(batches) if spec.inbox else 1,
             "updated_by_later_batches": updated,
             "skipped_records": len(skipped),
+            # Loaded, but with characters that could not be kept (see metadata.replaced_characters).
+            "replaced_characters": builder.replaced_characters,
             "skipped": MetadataValue.md(skipped_table if skipped else "none"),
         },
     )
+
+
+def _cell(text: str) -> str:
+    """Text for a markdown table cell: a '|' or a line break in a record's id must not break the table."""
+    return text.replace("|", "\\|").replace("\r", " ").replace("\n", " ")

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import polars as pl
 
+from kura_pipeline.core.loaders._base import REPLACED_CHARACTERS
 from kura_pipeline.core.models import Cluster, Conversation, ConversationSummary, ExtractedProperty
 
 TIMESTAMP = pl.Datetime("us", "UTC")
@@ -23,7 +24,7 @@ INITIAL_BATCH = "initial"  # the batch of a dataset loaded whole, not from an in
 CONVERSATIONS_SCHEMA = {
     "chat_id": pl.String,
     "batch": pl.String,  # the batch (inbox file) the conversation arrived with, or "initial"
-    "created_at": TIMESTAMP,
+    "created_at": TIMESTAMP,  # null when the source has no date (ShareGPT): unknown, not made up
     "messages": pl.List(pl.Struct({"role": pl.String, "content": pl.String, "created_at": TIMESTAMP})),
     "metadata": pl.String,
 }
@@ -39,6 +40,7 @@ SUMMARIES_SCHEMA = {
     "assistant_errors": pl.List(pl.String),
     "metadata": pl.String,
     "failure_reason": pl.String,
+    "clustering_text": pl.String,  # embedded instead of the summary when set; never shown
 }
 PROPERTIES_SCHEMA = {"chat_id": pl.String, "name": pl.String, "value": pl.String, "type": pl.String}
 CLUSTERS_SCHEMA = {
@@ -54,6 +56,7 @@ CLUSTERS_SCHEMA = {
     "lineage": pl.String,
     "previous_ids": pl.List(pl.String),
     "withheld": pl.Boolean,
+    "fallback": pl.String,
 }
 PROJECTIONS_SCHEMA = {
     "kind": pl.String,  # "conversation" or "cluster"
@@ -79,6 +82,8 @@ class ConversationFrameBuilder:
         self.chunk_size = chunk_size
         self.conversations = 0
         self.messages = 0
+        # Characters the loaders replaced by U+FFFD (invalid UTF-8, lone surrogates), all told.
+        self.replaced_characters = 0
         self._pending: list[tuple[Conversation, str]] = []
         self._chunks: list[pl.DataFrame] = []
 
@@ -86,6 +91,9 @@ class ConversationFrameBuilder:
         self._pending.append((conversation, batch))
         self.conversations += 1
         self.messages += len(conversation.messages)
+        replaced = conversation.metadata.get(REPLACED_CHARACTERS)
+        if type(replaced) is int:
+            self.replaced_characters += replaced
         if len(self._pending) >= self.chunk_size:
             self._flush()
 
@@ -168,10 +176,18 @@ def frame_to_summaries(frame: pl.DataFrame) -> list[ConversationSummary]:
 
 
 def summaries_by_chat(frame: pl.DataFrame) -> dict[str, str]:
-    """chat_id -> summary text of the successful summaries, straight from the columns (no
-    model per row: this is all the clustering stages read of them)."""
+    """chat_id -> the text clustering reads of each successful summary (its `clustering_text`
+    where set, else the summary), straight from the columns: no model per row."""
     ok = frame.filter(pl.col("failure_reason").is_null())
-    return dict(zip(ok["chat_id"].to_list(), ok["summary"].to_list(), strict=True))
+    return dict(zip(ok["chat_id"].to_list(), clustering_texts(ok), strict=True))
+
+
+def clustering_texts(frame: pl.DataFrame) -> list[str]:
+    """What is embedded and named from, per row: `clustering_text` where set, else the summary
+    (tables from before that column have only the summary)."""
+    if "clustering_text" not in frame.columns:
+        return frame["summary"].to_list()
+    return frame.select(pl.coalesce("clustering_text", "summary"))["clustering_text"].to_list()
 
 
 def properties_to_frame(rows: list[tuple[str, ExtractedProperty]]) -> pl.DataFrame:

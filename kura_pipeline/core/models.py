@@ -14,6 +14,10 @@ Metadata = dict[str, MetadataValue]
 
 Role = Literal["user", "assistant"]
 
+# Metadata keys a loader adds for its own bookkeeping (how a record was put together): kept in
+# the data, never offered as a breakdown to a reader.
+LOADER_BOOKKEEPING_KEYS = frozenset({"sharegpt_parts", "dropped_messages", "replaced_characters"})
+
 
 def utc(value: datetime) -> datetime:
     """Naive timestamps are taken as UTC; aware ones are converted to UTC."""
@@ -35,14 +39,16 @@ class Message(BaseModel):
 
 class Conversation(BaseModel):
     chat_id: str = Field(min_length=1)
-    created_at: datetime
+    # None when the source has no date for the conversation (ShareGPT, most HF datasets): an
+    # unknown date stays unknown, never a made-up day.
+    created_at: datetime | None = None
     messages: list[Message]
     metadata: Metadata = Field(default_factory=dict)
 
     @field_validator("created_at")
     @classmethod
-    def _to_utc(cls, value: datetime) -> datetime:
-        return utc(value)
+    def _to_utc(cls, value: datetime | None) -> datetime | None:
+        return None if value is None else utc(value)
 
 
 class ConversationSummary(BaseModel):
@@ -58,6 +64,9 @@ class ConversationSummary(BaseModel):
     user_frustration: int | None = Field(default=None, ge=1, le=5)
     assistant_errors: list[str] = Field(default_factory=list)
     metadata: Metadata = Field(default_factory=dict)
+    # What is embedded for clustering when it is not the summary (the offline backend's scrubbed
+    # request): never shown to a person.
+    clustering_text: str | None = None
 
 
 class ExtractedProperty(BaseModel):
@@ -84,6 +93,9 @@ class Cluster(BaseModel):
     # Below the privacy threshold (too few conversations or users): kept in the table for the
     # pipeline, never shown to a person.
     withheld: bool = False
+    # Set when an LLM run could not use the model's answer for this cluster and fell back (a
+    # failed or generic name, an unmatched assignment, a level grouped without the model): why.
+    fallback: str | None = None
 
     @property
     def count(self) -> int:

@@ -15,7 +15,15 @@ user; gpt/chatgpt/bing/bard/model -> assistant); system/developer/tool/function
 messages, blank texts and non-text content are dropped and counted in
 metadata["dropped_messages"] (present only when non-zero); \\r\\n becomes \\n and other
 C0 control characters except \\t are removed; timestamps (ISO 8601 with or without
-zone, unix seconds) become UTC. Files are decoded as UTF-8 with invalid bytes replaced.
+zone, unix seconds) become UTC, and a source without them (ShareGPT, HF datasets without
+created_at_fn) leaves created_at None: unknown, never a made-up day. Files are decoded as
+UTF-8; each invalid byte, and each lone surrogate (a "\\ud800" JSON escape) anywhere in a
+conversation, becomes U+FFFD and is counted in metadata["replaced_characters"] (present only
+when non-zero).
+
+Whatever one record holds (wrong types, lone surrogates, nesting 100,000 levels deep, a
+5,000-digit number, a 10 MB string where a timestamp should be), it costs that record at most:
+a problem no check foresaw is still one SkippedRecord, naming the exception.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from kura_pipeline.core.loaders._base import (
-    PLACEHOLDER_CREATED_AT,
+    REPLACED_CHARACTERS,
     LoaderError,
     LoadResult,
     SkippedRecord,
@@ -107,7 +115,7 @@ __all__ = [
     "Deduplicator",
     "LOADERS",
     "STREAMING_LOADERS",
-    "PLACEHOLDER_CREATED_AT",
+    "REPLACED_CHARACTERS",
     "LoadResult",
     "LoaderError",
     "SkippedRecord",

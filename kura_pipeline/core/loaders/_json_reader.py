@@ -2,7 +2,9 @@
 
 Both yield each record as soon as it is parsed, so callers can stop early without
 reading a large file to the end, and a file cut off mid-record (an interrupted
-download, the packaged ShareGPT file) still yields every complete record.
+download, the packaged ShareGPT file) still yields every complete record. A record the
+decoder cannot take (nested thousands of levels deep, a number of thousands of digits) is
+yielded as a BadRecord and reading goes on after it.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from kura_pipeline.core.loaders._base import (
+    NESTED_TOO_DEEPLY,
     LoaderError,
     LoadResult,
     PathLike,
     RecordError,
     SkippedRecord,
+    convert_record,
     record_label,
 )
 from kura_pipeline.core.models import Conversation
@@ -28,6 +32,10 @@ _DECODER = json.JSONDecoder(strict=False)
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _HEAD_CHARS = 300
 _CHUNK_CHARS = 1 << 20
+# For stepping over a record the decoder gave up on: the next bracket, quote or comma, and the
+# rest of a string up to its closing quote.
+_STRUCTURE = re.compile(r'[\[\]{}",]')
+_STRING_REST = re.compile(r'[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -44,10 +52,14 @@ class BadRecord:
 
 
 def open_text(path: PathLike) -> TextIO:
-    """Open for reading as UTF-8 (BOM skipped, invalid bytes replaced); LoaderError if impossible."""
+    """Open for reading as UTF-8 (BOM skipped); LoaderError if impossible.
+
+    Each invalid byte becomes a lone surrogate (surrogateescape), which MessageCollector
+    replaces by U+FFFD and counts, like a lone surrogate written as a JSON escape.
+    """
     try:
         # newline="\n": split lines only on \n and keep positions faithful to the file.
-        return open(path, encoding="utf-8-sig", errors="replace", newline="\n")  # noqa: SIM115 - caller closes
+        return open(path, encoding="utf-8-sig", errors="surrogateescape", newline="\n")  # noqa: SIM115
     except FileNotFoundError:
         raise LoaderError(f"{path}: file not found") from None
     except IsADirectoryError:
@@ -93,20 +105,25 @@ def iter_json_list(stream: TextIO, path: PathLike) -> Iterator[JsonRecord | BadR
             reason = "file ends without the closing ']' (truncated)"
             yield BadRecord(position, reason, "")
             return
+        item: JsonRecord | BadRecord
         try:
-            value = buffer.decode_value()
+            item = JsonRecord(position, buffer.decode_value())
         except json.JSONDecodeError as error:
             if not _ends_inside_value(error):
                 raise LoaderError(
                     f"{path}: invalid JSON in record {position}: {error.msg} at {buffer.location(error.pos)}"
                 ) from None
-            ignored = len(buffer.text) - buffer.pos
             # The failed decode read to the end of file and left pos at the record's start.
-            start = buffer.location()
-            reason = f"file ends inside this record (truncated): {ignored} characters from {start} ignored"
-            yield BadRecord(position, reason, buffer.text[buffer.pos : buffer.pos + _HEAD_CHARS])
+            yield _truncated(buffer, position)
             return
-        yield JsonRecord(position, value)
+        except (RecursionError, ValueError) as error:
+            # Valid JSON the decoder cannot take: one bad record; step over it and go on.
+            head = buffer.text[buffer.pos : buffer.pos + _HEAD_CHARS]
+            if not buffer.skip_value():
+                yield _truncated(buffer, position)
+                return
+            item = BadRecord(position, undecodable_reason(error), head)
+        yield item
         index += 1
         char = buffer.skip_whitespace()
         if char == ",":
@@ -143,10 +160,30 @@ def iter_json_lines(stream: TextIO, path: PathLike) -> Iterator[JsonRecord | Bad
             first_error = first_error or f"{position}: {reason}"
             yield BadRecord(position, reason, line[:_HEAD_CHARS])
             continue
+        except (RecursionError, ValueError) as error:  # valid JSON the decoder cannot take
+            yield BadRecord(position, undecodable_reason(error), line[:_HEAD_CHARS])
+            continue
         parsed_any = True
         yield JsonRecord(position, value)
     if first_error and not parsed_any:
         raise LoaderError(f"{path}: no line is valid JSON, is this a JSON Lines file? ({first_error})")
+
+
+def _truncated(buffer: _Buffer, position: str) -> BadRecord:
+    """The record at buffer.pos, cut off by the end of the file (the buffer holds the rest)."""
+    ignored = len(buffer.text) - buffer.pos
+    start = buffer.location()
+    reason = f"file ends inside this record (truncated): {ignored} characters from {start} ignored"
+    return BadRecord(position, reason, buffer.text[buffer.pos : buffer.pos + _HEAD_CHARS])
+
+
+def undecodable_reason(error: RecursionError | ValueError) -> str:
+    """Why the decoder gave up on a record that is valid JSON."""
+    if isinstance(error, RecursionError):
+        return NESTED_TOO_DEEPLY
+    # E.g. "Exceeds the limit (4300 digits) for integer string conversion: value has 5000 digits"
+    # (the rest of the message is advice for programmers).
+    return f"cannot be read: {str(error).split(';')[0]}"
 
 
 def _ends_inside_value(error: json.JSONDecodeError) -> bool:
@@ -201,6 +238,44 @@ class _Buffer:
             self.pos = end
             return value
 
+    def skip_value(self) -> bool:
+        """Move pos past the JSON value at pos without decoding it; False if the file ends
+        first (pos is then still at the value's start).
+
+        For a value the decoder gave up on (nested 100,000 levels deep, a 5,000-digit number):
+        counting brackets needs no recursion. The value is known to be well-formed up to where
+        the decoder stopped, so brackets are counted, not matched.
+        """
+        depth = 0
+        index = self.pos
+        while True:
+            match = _STRUCTURE.search(self.text, index)
+            if match is None:
+                resume = len(self.text)  # nothing left to count in the buffer
+            elif match.group() == '"':
+                rest = _STRING_REST.match(self.text, match.end())
+                if rest is not None:
+                    index = rest.end()
+                    continue
+                resume = match.start()  # the string goes on past the buffer: rescan it whole
+            else:
+                char, index = match.group(), match.end()
+                if char in "[{":
+                    depth += 1
+                elif depth == 0:  # a ',' or ']' after a scalar item
+                    self.pos = match.start()
+                    return True
+                elif char != ",":
+                    depth -= 1
+                    if depth == 0:
+                        self.pos = index
+                        return True
+                continue
+            offset = resume - self.pos
+            if not self.read_more():
+                return False
+            index = self.pos + offset
+
     def location(self, pos: int | None = None) -> str:
         pos = self.pos if pos is None else pos
         line = self._lines_before + self.text.count("\n", 0, pos) + 1
@@ -250,7 +325,7 @@ def iter_converted(
             yield SkippedRecord(source, record_label(item.position, record_id), item.reason)
             continue
         try:
-            conversation = convert(item.value)
+            conversation = convert_record(convert, item.value)
         except RecordError as error:
             label = record_label(item.position, record_id_of(item.value, id_keys))
             yield SkippedRecord(source, label, str(error))

@@ -108,7 +108,11 @@ def _visible_text(message: dict[str, Any], where: str) -> str | None:
     if message.get("recipient") not in (None, "all"):  # a call addressed to a tool
         return None
     content = require(message, "content", dict, where)
-    if content.get("content_type") not in _TEXT_CONTENT_TYPES:
+    content_type = content.get("content_type")
+    if not isinstance(content_type, (str, type(None))):  # a list or object cannot be looked up
+        got = type(content_type).__name__
+        raise RecordError(f"{where}: content.content_type should be a string, got {got}")
+    if content_type not in _TEXT_CONTENT_TYPES:
         return None
     parts = content.get("parts") or []
     if not isinstance(parts, list):

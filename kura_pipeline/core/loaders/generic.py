@@ -1,8 +1,9 @@
 """Files whose rows already have the Conversation shape: JSON Lines and Parquet.
 
-Rows: {chat_id, created_at, messages: [{role, content, created_at?}], metadata?}.
-Rows go through the same cleaning as every other source (role names, control
-characters, system messages dropped), so pipeline output loads back unchanged.
+Rows: {chat_id, created_at?, messages: [{role, content, created_at?}], metadata?}; a null
+or missing created_at is an unknown date (as in pipeline output from ShareGPT). Rows go
+through the same cleaning as every other source (role names, control characters, system
+messages dropped), so pipeline output loads back unchanged.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from kura_pipeline.core.loaders._base import (
     RecordError,
     SkippedRecord,
     build_conversation,
+    convert_record,
     record_label,
 )
 from kura_pipeline.core.loaders._json_reader import (
@@ -25,10 +27,11 @@ from kura_pipeline.core.loaders._json_reader import (
     iter_converted,
     iter_json_lines,
     open_text,
+    undecodable_reason,
 )
 from kura_pipeline.core.models import Conversation
 
-_REQUIRED_COLUMNS = ("chat_id", "created_at", "messages")
+_REQUIRED_COLUMNS = ("chat_id", "messages")
 
 
 def load_jsonl(path: PathLike) -> LoadResult:
@@ -60,9 +63,8 @@ def load_parquet(path: PathLike) -> LoadResult:
         raise LoaderError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(frame.columns)}")
     result = LoadResult(conversations=[], skipped=[])
     for index, row in enumerate(frame.iter_rows(named=True)):
-        row["metadata"] = _parquet_metadata(row.get("metadata"))
         try:
-            result.conversations.append(conversation_from_row(row))
+            result.conversations.append(convert_record(_conversation_from_parquet_row, row))
         except RecordError as error:
             label = record_label(f"#{index}", row.get("chat_id"))
             result.skipped.append(SkippedRecord(str(path), label, str(error)))
@@ -75,7 +77,11 @@ def conversation_from_row(row: Any) -> Conversation:
     for field in _REQUIRED_COLUMNS:
         if row.get(field) is None:
             raise RecordError(f"missing field '{field}'")
-    return build_conversation(row["chat_id"], row["created_at"], row["messages"], row.get("metadata"))
+    return build_conversation(row["chat_id"], row.get("created_at"), row["messages"], row.get("metadata"))
+
+
+def _conversation_from_parquet_row(row: dict[str, Any]) -> Conversation:
+    return conversation_from_row(row | {"metadata": _parquet_metadata(row.get("metadata"))})
 
 
 def _parquet_metadata(value: object) -> object:
@@ -85,6 +91,8 @@ def _parquet_metadata(value: object) -> object:
             return json.loads(value)
         except json.JSONDecodeError:
             return value  # reported as a bad record by build_conversation
+        except (RecursionError, ValueError) as error:  # valid JSON json cannot take
+            raise RecordError(f"metadata {undecodable_reason(error)}") from None
     if isinstance(value, dict):
         # A struct column has every key seen in any row; keys a row did not have come back as None.
         return {key: item for key, item in value.items() if item is not None}

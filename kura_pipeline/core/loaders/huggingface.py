@@ -6,13 +6,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from kura_pipeline.core.loaders._base import (
-    PLACEHOLDER_CREATED_AT,
     LoaderError,
     LoadResult,
     RecordError,
     SkippedRecord,
     build_conversation,
     check_limit,
+    convert_record,
     record_label,
 )
 from kura_pipeline.core.models import Message
@@ -34,9 +34,9 @@ def load_hf_dataset(
     """Conversations from `datasets.load_dataset(path, split=split, **load_kwargs)`.
 
     The mapping functions turn a row into the Conversation fields, as in Kura's
-    Conversation.from_hf_dataset. Without created_at_fn, created_at is the fixed
-    PLACEHOLDER_CREATED_AT. A row whose mapping function raises (e.g. KeyError for a
-    missing column) is skipped, not fatal.
+    Conversation.from_hf_dataset. Without created_at_fn (or where it gives None), created_at
+    is None: the date is unknown. A row whose mapping function raises (e.g. KeyError for a
+    missing column), or that holds anything else unusable, is skipped, not fatal.
     """
     check_limit(max_conversations)
     try:
@@ -56,18 +56,22 @@ def load_hf_dataset(
         chat_id: object = None
         try:
             chat_id = chat_id_fn(row)
-            created_at = created_at_fn(row) if created_at_fn else PLACEHOLDER_CREATED_AT
+            created_at = created_at_fn(row) if created_at_fn else None
             metadata = metadata_fn(row) if metadata_fn else {}
-            conversation = build_conversation(chat_id, created_at, messages_fn(row), metadata)
-        except RecordError as error:
-            reason = str(error)
-        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as error:
+            messages = messages_fn(row)
+        except Exception as error:  # the mapping functions are the caller's code: anything can fail
             reason = f"mapping function failed: {type(error).__name__}: {error}"
         else:
-            result.conversations.append(conversation)
-            if len(result.conversations) == max_conversations:
-                break
-            continue
+            try:
+                fields = (chat_id, created_at, messages, metadata)
+                conversation = convert_record(lambda fields: build_conversation(*fields), fields)
+            except RecordError as error:
+                reason = str(error)
+            else:
+                result.conversations.append(conversation)
+                if len(result.conversations) == max_conversations:
+                    break
+                continue
         result.skipped.append(SkippedRecord(source, record_label(f"#{index}", chat_id), reason))
     return result
 
