@@ -38,7 +38,7 @@ from kura_pipeline.core.embed import MiniLMEmbedder  # noqa: E402
 from kura_pipeline.core.embedding_cache import embed_with_cache  # noqa: E402
 from kura_pipeline.core.evaluate import level_scores, markdown_table  # noqa: E402
 from kura_pipeline.core.llm_cache import ResponseCache  # noqa: E402
-from kura_pipeline.core.summarise import summarise_offline  # noqa: E402
+from kura_pipeline.core.summarise import read_request  # noqa: E402
 from kura_pipeline.resources import embedder as embedder_module  # noqa: E402
 
 SCALE = 100_000
@@ -189,7 +189,7 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
 
     conversations = bench_evaluation.bbc_news_conversations()
-    texts = [summarise_offline(c)[0].summary for c in conversations]
+    texts = [read_request(c)[0].request for c in conversations]
     labels = [c.metadata[bench_evaluation.LABEL_FIELD] for c in conversations]
     print(f"# Embeddings benchmark, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {platform.node()}")
     print(f"{os.cpu_count()} CPUs, Python {platform.python_version()}, {load()}\n")

@@ -132,6 +132,7 @@ def run_pipeline(workdir: Path, registry: Path, max_top_clusters: int) -> tuple[
             run_config={
                 "ops": {
                     # A fresh data folder per run: clusters are not warm-started from another run.
+                    "base_clusters": {"config": {"max_top_clusters": max_top_clusters}},
                     "meta_clusters": {"config": {"max_top_clusters": max_top_clusters}},
                     "evaluation": {"config": {"label_field": LABEL_FIELD}},
                 }
@@ -149,6 +150,33 @@ def run_pipeline(workdir: Path, registry: Path, max_top_clusters: int) -> tuple[
     if not result.success:
         sys.exit("the pipeline failed; see the log above")
     return pl.read_parquet(data_dir / "evaluation" / "bbc_news.parquet"), time.monotonic() - started
+
+
+def level_against_flat(data_dir: Path, table: pl.DataFrame) -> str:
+    """Each level of the hierarchy against flat k-means with the same number of clusters on the
+    same embeddings (k-means++, 3 starts, seed 0): the hierarchy should lose nothing to it."""
+    from sklearn.cluster import KMeans
+
+    chat_ids, embeddings = frame_to_embeddings(
+        pl.read_parquet(data_dir / "summary_embeddings" / "bbc_news.parquet")
+    )
+    raw = pl.read_parquet(data_dir / "raw_conversations" / "bbc_news.parquet")
+    label_of = {c: json.loads(m)[LABEL_FIELD] for c, m in zip(raw["chat_id"], raw["metadata"], strict=True)}
+    labels = [label_of[c] for c in chat_ids]
+    lines = [
+        "| level | clusters | NMI | flat k-means NMI | difference | accuracy | flat accuracy |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in table.iter_rows(named=True):
+        flat = level_scores(
+            labels,
+            KMeans(n_clusters=row["clusters"], random_state=0, n_init=3).fit_predict(embeddings).tolist(),
+        )
+        lines.append(
+            f"| {row['level']} | {row['clusters']} | {row['nmi']:.3f} | {flat['nmi']:.3f} | "
+            f"{row['nmi'] - flat['nmi']:+.3f} | {row['accuracy']:.3f} | {flat['accuracy']:.3f} |"
+        )
+    return "\n".join(lines)
 
 
 def baseline_rows(workdir: Path, bertopic_python: str | None) -> tuple[list[dict], str]:
@@ -227,6 +255,7 @@ def main() -> None:
         table, seconds = run_pipeline(args.workdir, registry, top)
         print(f"## offline pipeline, max_top_clusters={top} ({seconds:.0f} s through Dagster)\n")
         print(markdown_table(table) + "\n")
+        print(level_against_flat(args.workdir / f"data_top{top}", table) + "\n")
     rows, how = baseline_rows(args.workdir, args.bertopic_python)
     print(f"## flat baselines on the same embeddings: {how}\n")
     columns = ["method", "clusters", "outliers", "accuracy", "nmi", "ari", "purity", "spillover_rate"]

@@ -13,7 +13,7 @@ from dagster import DagsterInstance
 from upath import UPath
 
 from kura_pipeline.core.frames import frame_to_clusters
-from kura_pipeline.core.render.tree import render_tree
+from kura_pipeline.core.render.tree import fallback_note, render_tree
 from kura_pipeline.partitions import datasets_partitions
 from kura_pipeline.resources.io_manager import stage_path
 from kura_pipeline.sensors import unregistered_datasets
@@ -111,3 +111,5 @@ def _print_tree(dataset: str, descriptions: bool, depth: int | None) -> None:
     with path.open("rb") as file:
         clusters = frame_to_clusters(pl.read_parquet(file))
     click.echo(render_tree(clusters, descriptions=descriptions, max_depth=depth))
+    if note := fallback_note(clusters):
+        click.echo(note, err=True)

@@ -21,7 +21,7 @@ STAGES = [a.key.to_user_string() for a in ALL_ASSETS]
 # 5 topics x 8 conversations: one base cluster per topic, then a small hierarchy on top.
 RUN_CONFIG = {
     "ops": {
-        "base_clusters": {"config": {"conversations_per_cluster": 4}},
+        "base_clusters": {"config": {"conversations_per_cluster": 4, "max_top_clusters": 4}},
         "meta_clusters": {"config": {"max_top_clusters": 4, "branching_factor": 2.5}},
     }
 }
@@ -140,7 +140,7 @@ def test_llm_run_goes_through_a_real_http_endpoint_and_a_rerun_costs_nothing(tmp
         assert summaries["concerning_score"].is_between(1, 5).all()
         base = _stage(data_dir, "base_clusters")
         naming = _metadata(result, "base_clusters")
-        assert naming["llm_calls"] == base.height and naming["naming_failures"] == 0
+        assert naming["llm_calls"] == base.height and naming["naming_fallbacks"] == 0
 
         # The same run again: every answer comes from the persistent cache, no call is made.
         again = _materialize(instance, dataset_dir, data_dir, llm)
@@ -170,6 +170,7 @@ def test_failed_summaries_are_recorded_with_their_reason_and_the_run_completes(t
                 "io_manager": ParquetIOManager(base_path=str(data_dir)),
                 "registry": DatasetRegistry(path=str(dataset_dir / "datasets.yaml")),
                 "llm": llm,
+                "privacy": PrivacyPolicy(),
             },
         )
         assert result.success

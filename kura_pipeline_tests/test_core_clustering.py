@@ -18,14 +18,13 @@ from kura_pipeline.core.cluster import (
 )
 from kura_pipeline.core.hierarchy import (
     assign_unmatched,
-    build_hierarchy,
+    build_offline_hierarchy,
     hierarchy_problems,
     level_target,
     match_name,
-    plan_level_offline,
 )
 from kura_pipeline.core.models import Cluster
-from kura_pipeline.core.naming import distinctive_terms, offline_labels
+from kura_pipeline.core.naming import ClusterLabel
 from kura_pipeline.core.project import cluster_path_per_conversation, project_2d
 from kura_pipeline.core.render.tree import render_markdown_tree, render_tree
 
@@ -99,18 +98,6 @@ def test_base_cluster_groups_give_samples_inside_and_contrast_outside():
         assert len(contrast) == 5 and not set(contrast) & set(rows)
 
 
-def test_distinctive_terms_name_what_sets_a_group_apart():
-    groups = [
-        ["The user asked: fix a python KeyError", "The user asked: python traceback in a loop"],
-        ["The user asked: a lasagna recipe", "The user asked: recipe for pancakes"],
-    ]
-    terms = distinctive_terms(groups)
-    assert "python" in terms[0] and "recipe" in terms[1]
-    assert "user" not in terms[0] + terms[1] and "asked" not in terms[0] + terms[1]
-    labels = offline_labels(groups)
-    assert "python" in labels[0].name.lower() and "without an LLM" in labels[0].description
-
-
 def test_match_name_tolerates_case_and_small_typos():
     names = ["Debug software", "Cook meals", "Plan travel"]
     assert match_name("cook meals", names) == 1
@@ -138,22 +125,32 @@ def _base_clusters(
     return clusters, dict(zip(chat_ids, embeddings, strict=True)), documents
 
 
+def numbered_names(groups: list[list[Cluster]]) -> list[ClusterLabel]:
+    return [
+        ClusterLabel(f"parent {i}", f"{sum(c.count for c in g)} conversations") for i, g in enumerate(groups)
+    ]
+
+
+def offline_hierarchy(base, embedding_of, max_top_clusters=10, branching_factor=4.0):
+    return build_offline_hierarchy(base, embedding_of, numbered_names, max_top_clusters, branching_factor)
+
+
 def test_offline_hierarchy_shrinks_until_the_top_is_small():
     embeddings, truth = blobs(6, 40)  # 6 true groups; 48 base clusters of ~5
     base, embedding_of, documents = _base_clusters(embeddings, 48)
-    everything, plans = build_hierarchy(
-        base, embedding_of, plan_level_offline(documents), max_top_clusters=6, branching_factor=3
-    )
+    everything = offline_hierarchy(base, embedding_of, max_top_clusters=6, branching_factor=3)
     by_id = {c.id: c for c in everything}
     top = [c for c in everything if c.parent_id is None]
     assert len(top) <= 6
-    assert len(plans) >= 2  # 48 -> 16 -> 6
-    # Every base cluster reaches a top cluster; parents hold exactly their children's conversations.
+    assert max(c.level for c in everything) >= 2  # 48 -> 16 -> 6
+    # Every base cluster reaches a top cluster; parents hold exactly their children's conversations,
+    # and no parent has a single child.
     for cluster in everything:
         children = [c for c in everything if c.parent_id == cluster.id]
         if children:
             assert sorted(x for c in children for x in c.chat_ids) == sorted(cluster.chat_ids)
-            assert all(c.level == cluster.level - 1 for c in children)
+            assert all(c.level < cluster.level for c in children)
+            assert len(children) >= 2
     assert sum(c.count for c in top) == 240
     # The known groups are not torn apart at the top: each true group sits in one top cluster.
     chat_to_top = {}
@@ -168,10 +165,8 @@ def test_offline_hierarchy_shrinks_until_the_top_is_small():
 def test_no_hierarchy_needed_when_base_is_already_small():
     embeddings, _ = blobs(3, 5)
     base, embedding_of, documents = _base_clusters(embeddings, 3)
-    everything, plans = build_hierarchy(
-        base, embedding_of, plan_level_offline(documents), max_top_clusters=10
-    )
-    assert plans == [] and all(c.parent_id is None for c in everything)
+    everything = offline_hierarchy(base, embedding_of, max_top_clusters=10)
+    assert len(everything) == 3 and all(c.parent_id is None for c in everything)
 
 
 def test_level_target_shrinks_geometrically_but_not_below_the_top_size():
@@ -203,13 +198,14 @@ def test_tree_shows_sizes_shares_and_nesting():
     assert lines[2].endswith("Fix Python errors (3 conversations, 60.0%)")  # biggest child first
     assert "Write SQL" in lines[3] and lines[4].startswith("╚══ Cook dinner")
     markdown = render_markdown_tree([child_b, other, parent, child_a])
-    assert markdown.splitlines()[1] == "  - **Fix Python errors** — 3 (60.0%)"
+    assert markdown.splitlines()[0] == "5 conversations"
+    assert markdown.splitlines()[2] == "  - **Fix Python errors** — 3 (60.0%)"
 
 
 def test_hierarchy_problems_finds_a_broken_tree():
     embeddings, _ = blobs(4, 10)
     base, embedding_of, documents = _base_clusters(embeddings, 8)
-    everything, _ = build_hierarchy(base, embedding_of, plan_level_offline(documents), max_top_clusters=2)
+    everything = offline_hierarchy(base, embedding_of, max_top_clusters=2)
     chat_ids = list(embedding_of)
     assert hierarchy_problems(everything, chat_ids, max_top_clusters=2) == []
     broken = [c.model_copy(deep=True) for c in everything]
@@ -290,49 +286,10 @@ def test_all_nearest_outsiders_equal_nearest_outsiders_group_by_group(monkeypatc
     assert all(len(rows) == 0 for rows in all_nearest_outsiders(embeddings, members, centres, limit=0))
 
 
-def _dense_distinctive_terms(documents_per_group: list[list[str]], top_n: int = 6) -> list[list[str]]:
-    """The dense c-TF-IDF this module used before (groups x vocabulary), ties broken by term."""
-    from sklearn.feature_extraction.text import CountVectorizer
-
-    from kura_pipeline.core.naming import STOP_WORDS
-
-    vectorizer = CountVectorizer(
-        stop_words=STOP_WORDS, token_pattern=r"(?u)\b[a-zA-Z][a-zA-Z0-9+#]{2,}\b", ngram_range=(1, 2)
-    )
-    counts = vectorizer.fit_transform([" ".join(d) for d in documents_per_group]).toarray().astype(float)
-    terms = vectorizer.get_feature_names_out()
-    tf = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    idf = np.log(1 + counts.sum() / len(counts) / np.maximum(counts.sum(axis=0), 1))
-    result = []
-    for row in tf * idf:
-        picked: list[str] = []
-        for index in np.argsort(-row, kind="stable"):
-            if row[index] <= 0 or len(picked) == top_n:
-                break
-            if not any(terms[index] in other or other in terms[index] for other in picked):
-                picked.append(str(terms[index]))
-        result.append(picked)
-    return result
-
-
-def test_sparse_distinctive_terms_equal_the_dense_computation():
-    groups = [
-        ["The user asked: fix a python KeyError in pandas", "The user asked: python traceback in a loop"],
-        ["The user asked: a lasagna recipe", "The user asked: recipe for pancakes with maple syrup"],
-        ["The user asked: plan a trip to Lisbon", "The user asked: trip itinerary, Lisbon and Porto"],
-        ["The user asked: zeta alpha gamma beta"],  # words and bigrams of equal score: by term
-        ["the and of"],  # only stop words: no terms
-    ]
-    sparse = distinctive_terms(groups)
-    assert sparse == _dense_distinctive_terms(groups)
-    assert sparse[3] == ["alpha", "beta", "gamma", "zeta"]  # bigrams skipped: they hold a pick
-    assert sparse[4] == []
-
-
 def test_hierarchy_offline_parents_hold_exactly_their_childrens_members():
     embeddings, _ = blobs(8, 10)
     clusters, embedding_of, documents = _base_clusters(embeddings, 16)
-    everything, _ = build_hierarchy(clusters, embedding_of, plan_level_offline(documents), max_top_clusters=3)
+    everything = offline_hierarchy(clusters, embedding_of, max_top_clusters=3)
     assert hierarchy_problems(everything, list(embedding_of), max_top_clusters=3) == []
     by_parent: dict[str, list[str]] = {}
     for c in everything:

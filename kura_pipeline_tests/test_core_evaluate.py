@@ -11,7 +11,8 @@ import polars as pl
 import pytest
 from dagster import instance_for_test, materialize
 
-from kura_pipeline.core.cluster import base_cluster_groups, choose_k, cluster_id
+from kura_pipeline.core.backends import BaseGroups, Corpus, HierarchyInputs, OfflineBackend
+from kura_pipeline.core.cluster import base_cluster_groups, choose_k, cluster_id, coarse_partition
 from kura_pipeline.core.embed import MiniLMEmbedder
 from kura_pipeline.core.evaluate import (
     cluster_at_levels,
@@ -24,9 +25,8 @@ from kura_pipeline.core.evaluate import (
     markdown_table,
     spillover_rate,
 )
-from kura_pipeline.core.hierarchy import build_hierarchy, plan_level_offline
 from kura_pipeline.core.models import Cluster, Conversation
-from kura_pipeline.core.naming import offline_labels
+from kura_pipeline.core.privacy import AggregationThreshold, withheld_cluster_ids
 from kura_pipeline.core.summarise import summarise_all_offline
 from kura_pipeline_tests.conftest import make_conversations
 
@@ -167,40 +167,45 @@ def test_labels_from_metadata_reads_the_json_text_of_the_stage_tables():
 
 def _offline_hierarchy(conversations: list[Conversation]) -> list[Cluster]:
     """The offline pipeline's clustering path in plain code (what the assets do, without Dagster)."""
+    backend = OfflineBackend()
+    threshold = AggregationThreshold()
     summaries = summarise_all_offline(conversations).summaries
-    embeddings = MiniLMEmbedder().embed([s.summary for s in summaries])
     chat_ids = [s.chat_id for s in summaries]
-    summary_of = {s.chat_id: s.summary for s in summaries}
-    members, _, _ = base_cluster_groups(embeddings, choose_k(len(chat_ids), 4))
+    texts = [s.clustering_text or s.summary for s in summaries]
+    embeddings = MiniLMEmbedder().embed(texts)
+    corpus = Corpus.build(chat_ids, texts, [s.task for s in summaries], None, threshold)
+    coarse = coarse_partition(embeddings, 4)
+    members, _, _ = base_cluster_groups(embeddings, choose_k(len(chat_ids), 4), coarse=coarse)
     groups = [[chat_ids[r] for r in rows] for rows in members]
-    labels = offline_labels([[summary_of[c] for c in group] for group in groups])
+    labels = backend.name(corpus, BaseGroups([list(m) for m in members], [], []), list(range(len(members))))
     base = [
         Cluster(
             id=cluster_id(0, g),
-            name=label.name,
-            description=label.description,
+            name=labels[i].name,
+            description=labels[i].description,
             slug=f"c{i}",
             chat_ids=sorted(g),
         )
-        for i, (g, label) in enumerate(zip(groups, labels, strict=True))
+        for i, g in enumerate(groups)
     ]
-    clusters, _ = build_hierarchy(
+    inputs = HierarchyInputs(
         base,
         dict(zip(chat_ids, embeddings, strict=True)),
-        plan_level_offline(summary_of),
+        corpus,
+        withheld_cluster_ids(base, threshold),
         max_top_clusters=4,
         branching_factor=2.5,
     )
-    return clusters
+    return backend.build(inputs).clusters
 
 
-# Measured on this machine (2026-11-25) for 5 topics x 8 conversations, clustered offline
-# (MiniLM + k-means at 4 conversations per cluster, size-weighted k-means above). Level 0:
-# 10 clusters, accuracy 0.80, NMI 0.84, ARI 0.73, purity 0.975, spillover 0.8. Level 1 (top):
-# 4 clusters, accuracy 0.80, NMI 0.91, ARI 0.76, purity 0.80, spillover 0.0 -- python, SQL and
-# travel each a top cluster, cooking and poetry merged (4 parents for 5 topics). Ward's method
-# (before) scored 0.55 / 0.66 / 0.39 at the top: it merged cooking, poetry and travel and kept
-# a one-conversation SQL cluster as a top cluster of its own.
+# Measured on this machine (2026-12-06) for 5 topics x 8 conversations, clustered offline
+# (MiniLM over the scrubbed requests; the top level is flat k-means over the conversations, its
+# size chosen by silhouette within [2, 4]; base clusters at 4 conversations each are made inside
+# it). Level 0: 10 clusters, accuracy 0.75, NMI 0.86, ARI 0.73, purity 1.0. Level 1 (top): 4
+# clusters, accuracy 0.80, NMI 0.91, ARI 0.76, purity 0.80, spillover 0.0. The bottom-up
+# hierarchy before it (size-weighted k-means of base centroids) scored 0.80 / 0.84 / 0.73 at
+# level 0 and 0.80 / 0.91 / 0.76 at the top; Ward's method before that 0.55 / 0.66 / 0.39 at the top.
 # A random partition of the same sizes scores NMI ~0.4 and ARI ~0 at level 0.
 
 
@@ -269,7 +274,7 @@ def _materialize(instance, dataset_dir: Path, data_dir: Path, selection: list[st
             "ops": {
                 name: config
                 for name, config in {
-                    "base_clusters": {"config": {"conversations_per_cluster": 4}},
+                    "base_clusters": {"config": {"conversations_per_cluster": 4, "max_top_clusters": 4}},
                     "meta_clusters": {"config": {"max_top_clusters": 4, "branching_factor": 2.5}},
                     "evaluation": {"config": {"label_field": label_field}},
                 }.items()

@@ -25,9 +25,10 @@ from kura_pipeline.core import embed as minilm
 from kura_pipeline.core import static_embed
 from kura_pipeline.core.embedding_cache import embed_with_cache, embedding_key
 from kura_pipeline.core.evaluate import level_scores
+from kura_pipeline.core.frames import clustering_texts
 from kura_pipeline.core.llm_cache import ResponseCache
 from kura_pipeline.core.static_embed import StaticEmbedder, StaticTable
-from kura_pipeline.core.summarise import summarise_offline
+from kura_pipeline.core.summarise import read_request
 from kura_pipeline.resources.embedder import EmbedderResource
 from kura_pipeline.resources.io_manager import ParquetIOManager, StageReader
 from kura_pipeline.resources.llm import LLMResource
@@ -62,7 +63,7 @@ ODD_TEXTS = ["", "   ", "🙂🙂🙂", "[CLS] [SEP] [PAD]", "Ünïcödé façad
 
 
 def _summaries() -> list[str]:
-    return [summarise_offline(c)[0].summary for c in make_conversations()]
+    return [read_request(c)[0].request for c in make_conversations()]
 
 
 def _test_texts() -> list[str]:
@@ -272,7 +273,7 @@ def test_summary_embeddings_asset_with_the_static_model(
     vectors = np.array(frame["embedding"].to_list(), dtype=np.float32)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     summaries = pl.read_parquet(data_dir / "conversation_summaries" / "topics.parquet")
-    summary_of = dict(zip(summaries["chat_id"], summaries["summary"], strict=True))
+    summary_of = dict(zip(summaries["chat_id"], clustering_texts(summaries), strict=True))
     expected = StaticEmbedder(cache_dir=cache_dir).embed([summary_of[c] for c in frame["chat_id"]])
     np.testing.assert_allclose(vectors, expected, atol=1e-6)
     # Same-topic conversations are each other's nearest neighbours.

@@ -1,7 +1,7 @@
 from kura_pipeline.core.models import Conversation, Message
 from kura_pipeline.core.privacy import scrub_pii
 from kura_pipeline.core.prompts import SUMMARY_PROMPT, format_conversation, truncate_middle
-from kura_pipeline.core.summarise import detect_languages, summarise_all_offline, summarise_offline
+from kura_pipeline.core.summarise import detect_languages, shares_run_of_words, summarise_all_offline
 
 
 def _conversation(*turns: tuple[str, str]) -> Conversation:
@@ -13,27 +13,40 @@ def _conversation(*turns: tuple[str, str]) -> Conversation:
     )
 
 
-def test_offline_summary_uses_the_users_own_words_and_judges_nothing():
+def test_offline_summary_is_an_abstraction_and_judges_nothing():
     conversation = _conversation(
         ("user", "How do I reverse a list in Python? I tried reversed() but got an iterator."),
         ("assistant", "Use list(reversed(x)) or x[::-1]."),
         ("user", "Thanks, and for a string?"),
     )
-    summary, _ = summarise_offline(conversation)
-    assert "reverse a list in Python" in summary.summary
-    assert summary.request.startswith("How do I reverse a list")
-    assert "2 user turns" in summary.summary
+    summary = summarise_all_offline([conversation], min_conversations=1).summaries[0]
+    # A task type and shared phrases, never the user's sentence; the request is only embedded.
+    assert "reverse a list in Python" not in summary.summary
+    assert summary.summary.startswith("A coding request about") and "2 user turns" in summary.summary
+    assert summary.clustering_text is not None and summary.clustering_text.startswith(
+        "How do I reverse a list"
+    )
+    assert summary.request is None and summary.task == "coding"
     # Facets that need judgement are left empty, not invented.
-    assert summary.concerning_score is None and summary.user_frustration is None and summary.task is None
+    assert summary.concerning_score is None and summary.user_frustration is None
     assert summary.metadata == {"model": "m"}
+
+
+def test_offline_summary_phrases_come_from_enough_conversations():
+    shared = [_conversation(("user", f"Fix my pandas dataframe merge, attempt {i}")) for i in range(5)]
+    rare = _conversation(("user", "Fix my pandas dataframe merge about the zanzibar ledger"))
+    run = summarise_all_offline([*shared, rare], min_conversations=5)
+    texts = [s.summary for s in run.summaries]
+    assert all("pandas dataframe" in text for text in texts)
+    assert not any("zanzibar" in text or "ledger" in text for text in texts)  # one conversation's words
 
 
 def test_offline_summary_scrubs_pii_and_counts_it():
     conversation = _conversation(
         ("user", "Email jane.doe@example.com or call +1 415 555 0199 about https://example.com/u/jane"),
     )
-    run = summarise_all_offline([conversation])
-    text = run.summaries[0].summary
+    run = summarise_all_offline([conversation], min_conversations=1)
+    text = run.summaries[0].summary + str(run.summaries[0].clustering_text)
     assert "jane.doe@example.com" not in text and "555 0199" not in text and "example.com/u" not in text
     assert run.pii_scrubbed["email"] == 1 and run.pii_scrubbed["phone"] == 1 and run.pii_scrubbed["url"] == 1
 
@@ -84,3 +97,14 @@ def test_scrub_removes_tokens_and_keys_but_not_words():
     )
     assert "tddqlek" not in text and "internationalization" in text
     assert counts["token"] == 1
+
+
+def test_offline_summary_never_repeats_eight_words_of_the_user():
+    # Nine words without a stop word: three phrases side by side would repeat them.
+    text = "alpha bravo charlie delta echo foxtrot golf hotel india"
+    conversations = [_conversation(("user", text)) for _ in range(5)]
+    for summary in summarise_all_offline(conversations, min_conversations=5).summaries:
+        assert not shares_run_of_words(summary.summary, text)
+        assert "about" in summary.summary  # still described by its phrases, fewer of them
+    assert shares_run_of_words("a b c d e f g h", "x a b c d e f g h y")
+    assert not shares_run_of_words("a b c d e f g", "a b c d e f g")

@@ -37,7 +37,7 @@ STAGES = [a.key.to_user_string() for a in ALL_ASSETS]
 # 5 topics x 8 conversations: one base cluster per topic, then a small hierarchy on top.
 OPS_CONFIG = {
     "ops": {
-        "base_clusters": {"config": {"conversations_per_cluster": 4}},
+        "base_clusters": {"config": {"conversations_per_cluster": 4, "max_top_clusters": 4}},
         "meta_clusters": {"config": {"max_top_clusters": 4, "branching_factor": 2.5}},
     }
 }

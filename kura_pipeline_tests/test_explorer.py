@@ -26,6 +26,7 @@ from kura_pipeline.core.frames import (
     PROPERTIES_SCHEMA,
     SUMMARIES_SCHEMA,
     TIMESTAMP,
+    frame_to_clusters,
 )
 from kura_pipeline.core.render.explorer import (
     build_explorer_data,
@@ -33,6 +34,7 @@ from kura_pipeline.core.render.explorer import (
     render_html,
     script_json,
 )
+from kura_pipeline.core.render.shown import shown_tree
 from kura_pipeline.resources.privacy import PrivacyPolicy
 from kura_pipeline_tests.conftest import make_conversations, write_jsonl
 
@@ -47,7 +49,7 @@ STAGE_INPUTS = [
 ]
 RUN_CONFIG = {
     "ops": {
-        "base_clusters": {"config": {"conversations_per_cluster": 4}},
+        "base_clusters": {"config": {"conversations_per_cluster": 4, "max_top_clusters": 4}},
         "meta_clusters": {"config": {"max_top_clusters": 4, "branching_factor": 2.5}},
     }
 }
@@ -232,6 +234,14 @@ def test_the_asset_writes_one_html_page_with_a_map_image_and_the_top_clusters(pi
     assert table.count("\n| ![") == top.height
     assert "language" in metadata["facets"] and "batch" in metadata["facets"]
     assert metadata["show_conversations"] is False
+    # The UI's table says the terminal tree's counts and shares (shown_tree).
+    tree = shown_tree(frame_to_clusters(pipeline["frames"]["meta_clusters"]))
+    for root in tree.roots:
+        assert f" | {root.count} | {tree.share(root.count):.1f}% | " in table
+    assert f"| **all conversations** | {tree.total} | 100.0% |" in table
+    # The summaries were made offline, as their materialization says: the page may say so.
+    notes = json.loads(re.search(r'id="explorer-data">(.*?)</script>', html).group(1))["notes"]
+    assert any("The offline backend leaves facets that need judgement empty" in n for n in notes)
     # Nothing is fetched: plotly is inline, and no URL to load anything from is in the page.
     assert not re.search(r"<script[^>]+src=|<link[^>]+href=", html)
     # Summaries are in the page; what users and assistants wrote is not, by default.
@@ -325,25 +335,23 @@ def test_payloads_in_conversations_stay_text_and_never_run(opened, pipeline):
     opened.filter_by("model", PAYLOAD_TEXT)
     assert page.locator(".chip", has_text=PAYLOAD_TEXT).count() == 1
     assert page.locator("#breakdowns section[data-facet='model']", has_text=PAYLOAD_TEXT).count() == 1
-    # ...and in the offline summary, shown as typed.
+    # The offline summary is an abstraction: the payload the user typed is not in it.
     [summary] = page.locator("#summaries li .text").all_text_contents()
-    assert summary.startswith("The user asked: " + PAYLOAD_TEXT)
-    # plotly's hover label shows it as text too.
+    assert PAYLOAD_TEXT not in summary and "window.__pwned" not in summary
+    # plotly's hover label shows the summary as text.
     index = json.loads(page.text_content("#explorer-data"))["conv"]["summary"].index(summary)
     # The mouse would reach the cluster's name label first: take the labels away, then hover.
     page.evaluate("() => Plotly.relayout('map', {annotations: []})")
     opened.hover_conversation(index)
     page.wait_for_selector(".hoverlayer .hovertext")
-    assert PAYLOAD_TEXT in page.text_content(".hoverlayer")
-    # Every hostile conversation's summary, listed as it was written.
+    assert summary.split(" · ")[0] in page.text_content(".hoverlayer")
+    # Every hostile conversation's summary, listed as it was written, none with the markup.
     page.click("#clear-filters")
     opened.filter_by("topic", "hostile")
     summaries = pipeline["frames"]["conversation_summaries"]
     expected = summaries.filter(pl.col("chat_id").str.starts_with("hostile-"))["summary"].to_list()
     assert sorted(page.locator("#summaries li .text").all_text_contents()) == sorted(expected)
-    assert any("<img src=x onerror=" in s for s in expected) and any(
-        "</script><script>" in s for s in expected
-    )
+    assert not any("<img src=x onerror=" in s or "</script><script>" in s for s in expected)
     # The metadata key with markup became a facet, its name shown as text.
     assert page.locator("#breakdowns h4", has_text='<b onmouseover="window.').count() == 1
     page.keyboard.press("Escape")
@@ -496,6 +504,42 @@ def synthetic_frames(n: int, name: str | None = None, seed: int = 0) -> dict[str
         ]
     )
     top = top_of_mid[mid_of_base[base_of]]
+    # Each cluster's conversations, at every level, as the real table holds them.
+    members = pl.DataFrame(
+        {
+            "chat_id": chat_ids,
+            "B": [f"B{b}" for b in base_of],
+            "M": [f"M{mid_of_base[b]}" for b in base_of],
+            "T": [f"T{t}" for t in top],
+        }
+    )
+    chats_of = pl.concat(
+        [members.group_by(level).agg(pl.col("chat_id").sort()).rename({level: "id"}) for level in "BMT"]
+    )
+    built = {
+        "id",
+        "name",
+        "description",
+        "parent_id",
+        "level",
+        "chat_ids",
+        "count",
+        "slug",
+        "withheld",
+        "previous_ids",
+    }
+    meta_clusters = (
+        meta_clusters.join(chats_of, on="id", how="left", maintain_order="left")
+        .with_columns(
+            chat_ids=pl.col("chat_id").fill_null([]),
+            count=pl.col("chat_id").list.len().fill_null(0),
+            slug=pl.col("id").str.to_lowercase(),
+            withheld=pl.lit(False),
+        )
+        .with_columns(previous_ids=pl.col("chat_ids").list.head(0))
+        .select([pl.col(k) if k in built else pl.lit(None).alias(k) for k in CLUSTERS_SCHEMA])
+        .cast(CLUSTERS_SCHEMA)
+    )
     xy = rng.normal(0, 10, (n_top, 2))[top] + rng.normal(0, 2, (n, 2))
     # List columns built by polars expressions: Python lists of lists are slow to convert.
     projections = pl.DataFrame(

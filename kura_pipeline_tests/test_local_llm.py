@@ -45,7 +45,7 @@ def test_local_llamacpp_backend_runs_summaries_naming_and_a_hierarchy_step(tmp_p
             instance=instance,
             run_config={
                 "ops": {
-                    "base_clusters": {"config": {"conversations_per_cluster": 2}},
+                    "base_clusters": {"config": {"conversations_per_cluster": 2, "max_top_clusters": 1}},
                     "meta_clusters": {"config": {"max_top_clusters": 1}},
                 }
             },

@@ -11,11 +11,10 @@ from dagster import (
     asset,
 )
 
-from kura_pipeline.core.frames import frame_to_conversations, iter_conversation_chunks, summaries_to_frame
-from kura_pipeline.core.llm import run_llm
-from kura_pipeline.core.summarise import SummaryRun, summarise_all_offline, summarise_all_with_llm
+from kura_pipeline.core.frames import summaries_to_frame
 from kura_pipeline.partitions import datasets_partitions
 from kura_pipeline.resources.llm import LLMResource
+from kura_pipeline.resources.privacy import PrivacyPolicy
 
 
 @asset(
@@ -26,36 +25,23 @@ from kura_pipeline.resources.llm import LLMResource
     check_specs=[AssetCheckSpec("every_conversation_summarised", asset="conversation_summaries")],
 )
 def conversation_summaries(
-    context: AssetExecutionContext, raw_conversations: pl.DataFrame, llm: LLMResource
+    context: AssetExecutionContext, raw_conversations: pl.DataFrame, llm: LLMResource, privacy: PrivacyPolicy
 ) -> Iterator[Output | AssetCheckResult]:
     """One summary per conversation with Clio's facets; a conversation whose summary failed keeps
-    its row, with the reason in `failure_reason`."""
-    stats: dict[str, int] = {}
-    if llm.is_offline:
-        # A chunk of conversations as models at a time: all of them next to the table took
-        # 4 GB at 100,000 conversations.
-        run = SummaryRun(summaries=[])
-        for chunk in iter_conversation_chunks(raw_conversations):
-            part = summarise_all_offline(chunk)
-            run.summaries.extend(part.summaries)
-            run.pii_scrubbed.update(part.pii_scrubbed)
-    else:
-        # One gather over every conversation: one progress line and ETA for the whole stage.
-        client = llm.client(llm.summary_client, log=context.log.info)
-        conversations = frame_to_conversations(raw_conversations)
-        run = run_llm(summarise_all_with_llm(conversations, client, llm.char_budget), client)
-        del conversations
-        stats = client.metadata()
+    its row, with the reason in `failure_reason`. Offline, a summary is a task type and phrases
+    that enough conversations share, never the user's sentences."""
+    backend = llm.select_backend(log=context.log.info)
+    run = backend.summarise(raw_conversations, privacy.threshold, privacy.user_id_field)
     if run.failures:
         context.log.warning(f"{len(run.failures)} conversations could not be summarised")
     yield Output(
         summaries_to_frame(run.summaries, run.failures),
         metadata={
-            "backend": llm.label,
+            "backend": backend.label,
             "summarised": len(run.summaries),
             "failed": len(run.failures),
             "pii_scrubbed": MetadataValue.json(dict(run.pii_scrubbed)),
-            **stats,
+            **backend.metadata(),
         },
     )
     # A warning, not an error: failed rows keep their reason, and a re-run retries only them.

@@ -10,6 +10,8 @@ from typing import Any
 import polars as pl
 from dagster import (
     AssetExecutionContext,
+    AssetKey,
+    AssetRecordsFilter,
     Config,
     ConfigurableIOManagerFactory,
     InputContext,
@@ -60,6 +62,21 @@ class HtmlIOManager(ConfigurableIOManagerFactory):
         return HtmlUPathIOManager(base_path=UPath(self.base_path))
 
 
+def summaries_backend(context: AssetExecutionContext) -> str | None:
+    """The `backend` the latest summaries of this dataset were made with (None when unknown):
+    the page blames the offline backend for empty facets only when it really was offline."""
+    records = context.instance.fetch_materializations(
+        AssetRecordsFilter(
+            asset_key=AssetKey("conversation_summaries"), asset_partitions=[context.partition_key]
+        ),
+        limit=1,
+    ).records
+    if not records or records[0].asset_materialization is None:
+        return None
+    value = records[0].asset_materialization.metadata.get("backend")
+    return value.value if value is not None and isinstance(value.value, str) else None
+
+
 class ExplorerConfig(Config):
     # Off by default: the page then holds summaries (scrubbed of PII), never what users wrote.
     show_conversations: bool = False
@@ -90,6 +107,7 @@ def explorer(
         projections=projections,
         raw_conversations=raw_conversations,
         show_conversations=config.show_conversations,
+        backend=summaries_backend(context),
     )
     page = render_html(data)
     if config.show_conversations:
@@ -104,6 +122,7 @@ def explorer(
             "dagster/row_count": data.conversations,
             "conversations": data.conversations,
             "clusters": len(data.cluster_ids),
+            "fallback_clusters": sum(1 for f in data.cluster_fallbacks if f),
             "withheld_clusters": data.withheld_clusters,
             "withheld_conversations": data.withheld_conversations,
             "facets": MetadataValue.json([f.name for f in data.facets]),

@@ -1,4 +1,3 @@
-
 import polars as pl
 from dagster import AssetExecutionContext, Config, Output, asset
 
@@ -24,7 +23,7 @@ def extracted_properties(
 ) -> Output:
     """The user's extractors and the conversations' own metadata, long form (chat_id, name, value)."""
     extractors = {reference: load_extractor(reference) for reference in config.extractors}
-    clients = {} if llm.is_offline else llm.all_clients(log=context.log.info)
+    clients = llm.all_clients(log=context.log.info)
 
     async def extract_in_chunks() -> tuple[list[pl.DataFrame], list[str]]:
         # A chunk of conversations at a time, each chunk's rows straight into a table: every

@@ -12,28 +12,18 @@ from dagster import (
     asset,
 )
 
-from kura_pipeline.core.frames import (
-    clusters_to_frame,
-    frame_to_clusters,
-    frame_to_embeddings,
-    summaries_by_chat,
-)
-from kura_pipeline.core.hierarchy import (
-    build_hierarchy,
-    hierarchy_problems,
-    plan_level_clio,
-    plan_level_offline,
-)
-from kura_pipeline.core.llm import run_llm
-from kura_pipeline.core.privacy import users_from_metadata, withheld_cluster_ids
-from kura_pipeline.core.privacy_audit import audit_clusters, withheld_by_audit
-from kura_pipeline.core.render.tree import render_markdown_tree
+from kura_pipeline.core.backends import HierarchyInputs, dataset_corpus
+from kura_pipeline.core.frames import clusters_to_frame, frame_to_clusters, frame_to_embeddings
+from kura_pipeline.core.hierarchy import hierarchy_problems
+from kura_pipeline.core.privacy import withheld_cluster_ids
+from kura_pipeline.core.render.tree import fallback_note, render_markdown_tree
 from kura_pipeline.partitions import datasets_partitions
 from kura_pipeline.resources.llm import LLMResource
 from kura_pipeline.resources.privacy import PrivacyPolicy
 
 
 class MetaClustersConfig(Config):
+    # The top level's size is chosen from the data within [2, max_top_clusters].
     max_top_clusters: int = 10
     branching_factor: float = 4.0
     seed: int = 0
@@ -56,56 +46,52 @@ def meta_clusters(
     privacy: PrivacyPolicy,
 ) -> Iterator[Output | AssetCheckResult]:
     """The whole hierarchy, every level in one table (level 0 = base clusters, parents above,
-    `parent_id` linking them), built until the top level has at most `max_top_clusters`.
-    Clusters below the privacy policy's thresholds are flagged `withheld`: the tree here, in the
-    terminal and in the explorer never shows them."""
+    `parent_id` linking them); the top level has between 2 and `max_top_clusters` clusters, as
+    many as the data holds. Clusters below the privacy policy's thresholds are flagged
+    `withheld`: the tree here, in the terminal and in the explorer never shows them, and they
+    lend no words to their parents' names. Clusters an LLM run named or grouped without the
+    model say why in `fallback`."""
+    backend = llm.select_backend(log=context.log.info)
     chat_ids, embeddings = frame_to_embeddings(summary_embeddings)
-    embedding_of = dict(zip(chat_ids, embeddings, strict=True))
-    stats: dict[str, int] = {}
-    if llm.is_offline:
-        summary_of = summaries_by_chat(conversation_summaries)
-        plan = plan_level_offline(summary_of, seed=config.seed)
-    else:
-        client = llm.client(llm.cluster_client, log=context.log.info)
-
-        def plan(children, centroids, target):  # type: ignore[no-untyped-def]
-            return run_llm(plan_level_clio(client, children, centroids, target, seed=config.seed), client)
-
-    clusters, plans = build_hierarchy(
-        frame_to_clusters(base_clusters),
-        embedding_of,
-        plan,
-        max_top_clusters=config.max_top_clusters,
-        branching_factor=config.branching_factor,
+    corpus = dataset_corpus(conversation_summaries, chat_ids, privacy.threshold, privacy.user_id_field)
+    base = frame_to_clusters(base_clusters)
+    users = corpus.user_of() or None
+    result = backend.build(
+        HierarchyInputs(
+            base_clusters=base,
+            embedding_of=dict(zip(chat_ids, embeddings, strict=True)),
+            corpus=corpus,
+            withheld_base=withheld_cluster_ids(base, privacy.threshold, users),
+            max_top_clusters=config.max_top_clusters,
+            branching_factor=config.branching_factor,
+            seed=config.seed,
+        )
     )
-    user_of = users_from_metadata(
-        conversation_summaries["metadata"].to_list(),
-        conversation_summaries["chat_id"].to_list(),
-        privacy.user_id_field,
-    )
-    withheld = withheld_cluster_ids(clusters, privacy.threshold, user_of or None)
-    audited: set[str] = set()
-    if not llm.is_offline:
-        shown = [c for c in clusters if c.id not in withheld]
-        audited = withheld_by_audit(run_llm(audit_clusters(client, shown), client), privacy.min_audit_rating)
-        stats = client.metadata()
+    clusters = result.clusters
+    withheld = withheld_cluster_ids(clusters, privacy.threshold, users)
+    audited = backend.withheld([c for c in clusters if c.id not in withheld], privacy.min_audit_rating)
     for cluster in clusters:
         cluster.withheld = cluster.id in withheld or cluster.id in audited
     levels = max(c.level for c in clusters) + 1 if clusters else 0
+    fallbacks = [c for c in clusters if c.fallback]
+    if note := fallback_note(clusters):
+        context.log.warning(note)
     yield Output(
         clusters_to_frame(clusters),
         metadata={
-            "backend": llm.label,
+            "backend": backend.label,
             "levels": levels,
             "clusters_per_level": MetadataValue.json(
                 {str(level): sum(1 for c in clusters if c.level == level) for level in range(levels)}
             ),
-            "assignment_fallbacks": sum(p.fallbacks for p in plans),
+            "top_level_clusters": sum(1 for c in clusters if c.parent_id is None),
+            "assignment_fallbacks": sum(p.fallbacks for p in result.plans),
+            "fallback_clusters": len(fallbacks),
             "withheld_clusters": len(withheld | audited),
             "withheld_by_privacy_audit": len(audited),
             "withheld_conversations": sum(c.count for c in clusters if c.withheld and c.level == 0),
             "tree": MetadataValue.md(render_markdown_tree(clusters)),
-            **stats,
+            **backend.metadata(),
         },
     )
     problems = hierarchy_problems(clusters, chat_ids, config.max_top_clusters)

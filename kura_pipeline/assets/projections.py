@@ -4,7 +4,7 @@ from dagster import AssetExecutionContext, Config, Output, asset
 from kura_pipeline.core.frames import PROJECTIONS_SCHEMA, frame_to_clusters, frame_to_embeddings
 from kura_pipeline.core.project import (
     MIN_POINTS_FOR_UMAP,
-    cluster_path_per_conversation,
+    cluster_at_each_level,
     cluster_positions,
     project_2d,
 )
@@ -28,7 +28,7 @@ def projections(
     chat_ids, embeddings = frame_to_embeddings(summary_embeddings)
     clusters = frame_to_clusters(meta_clusters)
     coords = project_2d(embeddings, seed=config.seed, n_neighbors=config.n_neighbors)
-    paths = cluster_path_per_conversation(clusters)
+    paths = cluster_at_each_level(clusters)
     level_of = {c.id: c.level for c in clusters}
     rows = [
         {

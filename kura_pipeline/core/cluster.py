@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from sklearn.cluster import KMeans, MiniBatchKMeans
+from sklearn.metrics import silhouette_score
 
 # Above this many points, mini-batch k-means keeps time and memory near linear.
 MINIBATCH_ABOVE = 20_000
@@ -38,6 +39,7 @@ def kmeans_labels(
     seed: int = 0,
     init: np.ndarray | None = None,
     sample_weight: np.ndarray | None = None,
+    starts: int = 3,
 ) -> np.ndarray:
     """Cluster labels 0..k-1 in order of decreasing cluster size (ties by first member).
 
@@ -52,7 +54,7 @@ def kmeans_labels(
     if init is not None and len(init) == k:
         start, n_init = init, 1  # warm start: one run from the earlier clusters
     elif n * k <= KMEANS_PLUSPLUS_MAX_WORK:
-        start, n_init = "k-means++", 3
+        start, n_init = "k-means++", starts
     else:
         start, n_init = "random", 1
     model: KMeans | MiniBatchKMeans
@@ -133,10 +135,15 @@ def base_cluster_groups(
     inside_limit: int = 25,
     outside_limit: int = 10,
     init: np.ndarray | None = None,
+    coarse: np.ndarray | None = None,
 ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
     """k-means groups (member rows in index order), each with the rows to show the namer and
-    its nearest outsiders (`outside_limit=0` when nothing reads them, e.g. offline names)."""
-    labels = kmeans_labels(embeddings, k, seed, init=init)
+    its nearest outsiders (`outside_limit=0` when nothing reads them, e.g. offline names).
+    With `coarse` (a top-level group per row), the groups are made inside those groups."""
+    if coarse is not None:
+        labels = nested_kmeans_labels(embeddings, k, coarse, seed, init=init)
+    else:
+        labels = kmeans_labels(embeddings, k, seed, init=init)
     if len(labels) == 0:
         return [], [], []
     members = members_by_label(labels)
@@ -186,3 +193,89 @@ def all_nearest_outsiders(
             best = np.argpartition(-sims, count - 1)[:count]
             outside.append(best[np.argsort(-sims[best], kind="stable")])
     return outside
+
+
+# Silhouette is computed on at most this many conversations (it is quadratic in them), and the
+# candidate top-level sizes are tried by k-means on at most this many.
+SILHOUETTE_SAMPLE = 2_000
+TOP_K_SAMPLE = 10_000
+# The top level has few clusters and decides what a reader sees first: more k-means starts
+# there (on the test topics, 4 clusters: NMI 0.82 with 3 starts, 0.86 with 10).
+TOP_LEVEL_STARTS = 10
+
+
+def choose_top_k(embeddings: np.ndarray, max_top_clusters: int, seed: int = 0) -> int:
+    """How many top-level groups the data holds, within [2, max_top_clusters]: the k of flat
+    k-means with the best silhouette (cosine) on a seeded sample. 1 when there is too little data."""
+    n = len(embeddings)
+    upper = min(max_top_clusters, n - 1)
+    if upper < 2:
+        return 1
+    rng = np.random.default_rng(seed)
+    tried = (
+        embeddings[np.sort(rng.choice(n, TOP_K_SAMPLE, replace=False))] if n > TOP_K_SAMPLE else embeddings
+    )
+    m = len(tried)
+    sample = (
+        np.sort(rng.choice(m, SILHOUETTE_SAMPLE, replace=False)) if m > SILHOUETTE_SAMPLE else np.arange(m)
+    )
+    best_k, best_score = 2, -np.inf
+    for k in range(2, upper + 1):
+        labels = kmeans_labels(tried, k, seed=seed, starts=TOP_LEVEL_STARTS)
+        if len(np.unique(labels[sample])) < 2:
+            continue
+        score = float(silhouette_score(tried[sample], labels[sample], metric="cosine"))
+        if score > best_score + 1e-9:
+            best_k, best_score = k, score
+    return best_k
+
+
+def coarse_partition(embeddings: np.ndarray, max_top_clusters: int, seed: int = 0) -> np.ndarray:
+    """The hierarchy's top level as flat k-means over the conversations, its size chosen from the
+    data: base clusters are made inside these groups, so the top level loses nothing to them."""
+    k = choose_top_k(embeddings, max_top_clusters, seed)
+    return kmeans_labels(embeddings, k, seed=seed, starts=TOP_LEVEL_STARTS)
+
+
+def nested_kmeans_labels(
+    embeddings: np.ndarray, k: int, groups: np.ndarray, seed: int = 0, init: np.ndarray | None = None
+) -> np.ndarray:
+    """About k clusters in all, made inside each group in proportion to its size (at least one
+    per group), numbered by size like kmeans_labels. `init` centroids warm-start each group with
+    the earlier centroids nearest to it."""
+    n = len(embeddings)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    group_ids = np.unique(groups)
+    if len(group_ids) <= 1:
+        return kmeans_labels(embeddings, k, seed, init=init)
+    # An earlier centroid belongs to the group of the conversation nearest to it: earlier
+    # clusters were made inside the same groups, so each group restarts from its own clusters
+    # (as many as it had) and a run over unchanged data gives the same clusters again.
+    home = groups[np.argmax(init @ embeddings.T, axis=1)] if init is not None and len(init) else None
+    labels = np.zeros(n, dtype=np.int64)
+    offset = 0
+    for g in group_ids:
+        rows = np.flatnonzero(groups == g)
+        k_group = int(min(len(rows), max(1, round(k * len(rows) / n))))
+        group_init = None
+        if home is not None:
+            mine = init[home == g][: len(rows)]
+            if len(mine) and len(mine) < k_group:  # the group grew: new centres where it is farthest
+                from kura_pipeline.core.identity import farthest_points
+
+                mine = np.vstack([mine, farthest_points(embeddings[rows], mine, k_group - len(mine))])
+            if len(mine):
+                group_init, k_group = mine, len(mine)
+        part = kmeans_labels(embeddings[rows], k_group, seed, init=group_init)
+        labels[rows] = part + offset
+        offset += int(part.max()) + 1
+    return relabel_by_size(labels)
+
+
+def weighted_kmeans_from(points: np.ndarray, weights: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """Size-weighted k-means of cluster means, started from given centres (one run, as is)."""
+    if len(start) <= 1 or len(points) <= 1:
+        return np.zeros(len(points), dtype=np.int64)
+    model = KMeans(n_clusters=len(start), init=start, n_init=1)
+    return model.fit_predict(points, sample_weight=weights)

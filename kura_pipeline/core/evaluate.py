@@ -34,7 +34,7 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from kura_pipeline.core.models import Cluster
-from kura_pipeline.core.project import cluster_path_per_conversation
+from kura_pipeline.core.project import cluster_at_each_level
 
 DEFAULT_MAJORITY_SHARE = 0.9
 
@@ -136,15 +136,10 @@ def level_scores(
 
 
 def cluster_at_levels(clusters: Sequence[Cluster]) -> dict[str, list[str]]:
-    """chat_id -> its cluster id at level 0, 1, ..., top (the hierarchy's depth for everyone).
-
-    A conversation whose branch stops below the top level keeps its highest cluster at the
-    levels above, so every level is a partition of every clustered conversation."""
-    depth = max((c.level for c in clusters), default=-1) + 1
-    return {
-        chat: path + [path[-1]] * (depth - len(path))
-        for chat, path in cluster_path_per_conversation(list(clusters)).items()
-    }
+    """chat_id -> its cluster id at level 0, 1, ..., top (the hierarchy's depth for everyone):
+    a skipped level or a branch that stops below the top keeps the nearest cluster below, so
+    every level is a partition of every clustered conversation."""
+    return cluster_at_each_level(list(clusters))
 
 
 def evaluate_hierarchy(

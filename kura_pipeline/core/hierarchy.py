@@ -1,9 +1,14 @@
 """Meta-clusters: Clio's hierarchy, built level by level until the top level is small.
 
-Each level groups the clusters below it into fewer parents. `plan_level_offline` does it with
-no LLM (size-weighted k-means of the cluster centroids, names from distinctive terms);
-`plan_level_clio` follows Clio: neighbourhoods, proposed parents, deduplication, assignment
-with the parent list shuffled, and renaming each parent from the children it got.
+Offline, `build_offline_hierarchy` works top-down: the top level is flat k-means over the
+conversations with a size chosen from the data (silhouette, within [2, max_top_clusters]), the
+base clusters having been made inside those groups (`core.cluster.base_cluster_groups`), and
+each level below splits its parent's base clusters. Built bottom-up from the base clusters,
+every level scored 0.05-0.15 NMI below flat k-means of the same size on BBC News
+(benchmarks/EVALUATION.md); top-down it matches it at the top and is within noise below.
+With an LLM, `plan_level_clio` follows Clio bottom-up: neighbourhoods, proposed parents,
+deduplication, assignment with the parent list shuffled, and renaming each parent from the
+children it got. Neither ever makes a parent with a single child.
 """
 
 from __future__ import annotations
@@ -17,10 +22,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kura_pipeline.core.cluster import centroid, cluster_id, kmeans_labels, slugify
+from kura_pipeline.core.cluster import (
+    centroid,
+    cluster_id,
+    coarse_partition,
+    kmeans_labels,
+    slugify,
+    weighted_kmeans_from,
+)
 from kura_pipeline.core.llm import LLMClient, LLMFailure
 from kura_pipeline.core.models import Cluster
-from kura_pipeline.core.naming import ClusterLabel, offline_labels
+from kura_pipeline.core.naming import ClusterLabel
 from kura_pipeline.core.privacy import scrub_pii
 from kura_pipeline.core.prompts import (
     ASSIGN_PARENT_PROMPT,
@@ -44,9 +56,14 @@ class LevelPlan:
     assignment: list[int]
     labels: list[ClusterLabel]
     fallbacks: int = 0  # children placed without the LLM's answer (failed or unmatched reply)
+    # Parent index -> why its grouping did not come from the model (children placed by their
+    # nearest sibling, or the whole level grouped without it); names that failed say so in
+    # their label's failed_reason.
+    fallback_reasons: dict[int, str] | None = None
 
 
 PlanLevel = Callable[[list[Cluster], np.ndarray, int], LevelPlan]
+NameGroups = Callable[[list[list[Cluster]]], list[ClusterLabel]]
 
 
 def level_target(n_children: int, max_top_clusters: int, branching_factor: float) -> int:
@@ -65,21 +82,26 @@ def build_hierarchy(
     max_top_clusters: int = 10,
     branching_factor: float = 4.0,
     max_levels: int = 8,
+    top_clusters: int | None = None,
 ) -> tuple[list[Cluster], list[LevelPlan]]:
-    """Every cluster of every level (base clusters get their parent ids), top level last."""
+    """Every cluster of every level (base clusters get their parent ids), top level last,
+    bottom-up (Clio's way, for the LLM planner). The top level aims at `top_clusters` (chosen
+    from the data by the caller) or else `max_top_clusters`. A parent that would get a single
+    child is not made: the child goes up a level as it is."""
+    top_size = max(1, min(top_clusters or max_top_clusters, max_top_clusters))
     everything = [c.model_copy() for c in base_clusters]
     current = everything[:]
     plans: list[LevelPlan] = []
     level = 0
-    while len(current) > max_top_clusters and level < max_levels:
-        target = level_target(len(current), max_top_clusters, branching_factor)
+    while len(current) > top_size and level < max_levels:
+        target = level_target(len(current), top_size, branching_factor)
         plan = plan_level(current, cluster_centroids(current, embedding_of), target)
         plans.append(plan)
-        parents = _make_parents(current, plan, level + 1, taken={c.slug for c in everything})
-        if len(parents) >= len(current):  # no progress: stop rather than loop
+        parents, promoted = _make_parents(current, plan, level + 1, taken={c.slug for c in everything})
+        if not parents or len(parents) + len(promoted) >= len(current):  # no progress: stop
             break
         everything.extend(parents)
-        current = parents
+        current = parents + promoted
         level += 1
     return everything, plans
 
@@ -93,13 +115,22 @@ def _children_of(children: list[Cluster], assignment: list[int] | np.ndarray) ->
     return members_of
 
 
-def _make_parents(children: list[Cluster], plan: LevelPlan, level: int, taken: set[str]) -> list[Cluster]:
-    parents = []
+def _make_parents(
+    children: list[Cluster], plan: LevelPlan, level: int, taken: set[str]
+) -> tuple[list[Cluster], list[Cluster]]:
+    """The parents of a level, and the children that go up as they are (a parent with one child
+    would only repeat it: Clio's hierarchy never shows one)."""
+    parents, promoted = [], []
     members_of = _children_of(children, plan.assignment)
+    reasons = plan.fallback_reasons or {}
     for parent_index, label in enumerate(plan.labels):
         members = members_of.get(parent_index, [])
         if not members:
             continue
+        if len(members) == 1:
+            promoted.extend(members)
+            continue
+        fallback = "; ".join(r for r in (label.failed_reason, reasons.get(parent_index)) if r) or None
         chat_ids = sorted(chat for child in members for chat in child.chat_ids)
         batches: Counter[str] = Counter()
         for child in members:
@@ -112,33 +143,116 @@ def _make_parents(children: list[Cluster], plan: LevelPlan, level: int, taken: s
             chat_ids=chat_ids,
             level=level,
             batch_counts=dict(batches),
+            fallback=fallback,
         )
         for child in members:
             child.parent_id = parent.id
         parents.append(parent)
-    return parents
+    return parents, promoted
 
 
-def plan_level_offline(documents_of: dict[str, str], seed: int = 0) -> PlanLevel:
-    """k-means over child centroids, each child weighted by its conversations; parents named by
-    their distinctive terms.
+def level_targets(n_base: int, top_size: int, branching_factor: float) -> list[int]:
+    """Cluster counts of the levels between the base and the top, bottom first."""
+    targets: list[int] = []
+    current = n_base
+    while True:
+        current = math.ceil(current / branching_factor)
+        if current <= top_size:
+            return targets
+        targets.append(current)
 
-    Weighting matters: with every child counted once (as Ward's method over the centroids did),
-    small outlying clusters became parents of their own and big regions were merged. On BBC News
-    (benchmarks/EVALUATION.md) the top level's accuracy at five clusters went from 0.64 (Ward) to
-    0.87. And k-means needs no children x children distance matrix, as Ward's method does."""
 
-    def plan(children: list[Cluster], centroids: np.ndarray, target: int) -> LevelPlan:
-        sizes = np.array([child.count for child in children], dtype=np.float64)
-        assignment = kmeans_labels(centroids, target, seed=seed, sample_weight=sizes)
-        members_of = _children_of(children, assignment)
-        groups = [
-            [documents_of[chat] for child in members_of.get(g, []) for chat in child.chat_ids]
-            for g in range(target)
-        ]
-        return LevelPlan(assignment=[int(a) for a in assignment], labels=offline_labels(groups))
+def build_offline_hierarchy(
+    base_clusters: list[Cluster],
+    embedding_of: dict[str, np.ndarray],
+    name_groups: NameGroups,
+    max_top_clusters: int = 10,
+    branching_factor: float = 4.0,
+    seed: int = 0,
+) -> list[Cluster]:
+    """Every cluster of every level, top-down: the top level is flat k-means over the
+    conversations (size chosen from the data; the base clusters were made inside it), started
+    from which size-weighted k-means of the base clusters' means finds the same groups; each
+    level below splits its parent's base clusters the same way, in proportion to the parent's
+    size. A group of one base cluster is not made (the base cluster hangs from the level above),
+    nor a split into one group (the level is skipped there): no parent has a single child.
+    `name_groups` names the new clusters, given their base clusters."""
+    base = [c.model_copy() for c in base_clusters]
+    if len(base) <= max(1, max_top_clusters):  # already small enough to read as it is
+        return base
+    means = np.stack([np.stack([embedding_of[chat] for chat in c.chat_ids]).mean(axis=0) for c in base])
+    sizes = np.array([c.count for c in base], dtype=np.float64)
+    # In the embeddings' own order, as base_clusters partitioned them: the same k-means finds
+    # the same top-level groups the base clusters were made inside.
+    members = {chat for c in base for chat in c.chat_ids}
+    conversations = np.stack([vector for chat, vector in embedding_of.items() if chat in members])
+    top = coarse_partition(conversations, min(max_top_clusters, len(base) - 1), seed=seed)
+    top_size = int(top.max()) + 1
+    if top_size >= len(base):
+        return base
+    # The flat top level's centres, on the base clusters' means: nested base clusters stay whole.
+    start = np.stack([conversations[top == g].mean(axis=0) for g in range(top_size)])
+    top_of_base = weighted_kmeans_from(means, sizes, start)
+    targets = level_targets(len(base), top_size, branching_factor)
+    total = sizes.sum()
 
-    return plan
+    nodes: list[tuple[int, np.ndarray, int | None]] = []  # (level, base indices, parent node)
+    parent_node: dict[int, int] = {}  # base index -> the node it hangs from
+
+    def grow(members: np.ndarray, level: int, parent: int | None) -> None:
+        if len(members) == 1:
+            if parent is not None:
+                parent_node[int(members[0])] = parent
+            return
+        nodes.append((level, members, parent))
+        me = len(nodes) - 1
+        for below in range(level - 1, 0, -1):
+            share = targets[below - 1] * sizes[members].sum() / total
+            parts = int(min(len(members), max(1, round(share))))
+            if parts < 2:
+                continue
+            split = kmeans_labels(means[members], parts, seed=seed, sample_weight=sizes[members])
+            if split.max() < 1:
+                continue
+            for g in range(int(split.max()) + 1):
+                grow(members[split == g], below, me)
+            return
+        for b in members:  # no level below splits this group: its base clusters hang from it
+            parent_node[int(b)] = me
+
+    top_level = len(targets) + 1
+    for g in range(int(top_of_base.max()) + 1):
+        members = np.flatnonzero(top_of_base == g)
+        if len(members):
+            grow(members, top_level, None)
+
+    labels = name_groups([[base[b] for b in members] for _, members, _ in nodes])
+    everything = list(base)
+    made: list[Cluster] = []
+    taken = {c.slug for c in base}
+    for (level, members, _), label in zip(nodes, labels, strict=True):
+        chat_ids = sorted(chat for b in members for chat in base[b].chat_ids)
+        batches: Counter[str] = Counter()
+        for b in members:
+            batches.update(base[b].batch_counts)
+        made.append(
+            Cluster(
+                id=cluster_id(level, chat_ids),
+                name=label.name,
+                description=label.description,
+                slug=slugify(label.name, taken),
+                chat_ids=chat_ids,
+                level=level,
+                batch_counts=dict(batches),
+            )
+        )
+    for node, (_, _, parent) in enumerate(nodes):
+        if parent is not None:
+            made[node].parent_id = made[parent].id
+    for b, node in parent_node.items():
+        base[b].parent_id = made[node].id
+    everything.extend(made)
+    return everything
 
 
 def _describe(cluster: Cluster) -> str:
@@ -190,7 +304,10 @@ async def plan_level_clio(
     centroids: np.ndarray,
     target: int,
     seed: int = 0,
+    name_offline: NameGroups | None = None,
 ) -> LevelPlan:
+    """`name_offline` names groups of children without the model (from their conversations'
+    shared phrases, with true counts): used for a level the model could not group at all."""
     rng = random.Random(seed)
     n = len(children)
     # 1. Neighbourhoods of about 40 clusters, so each prompt stays readable.
@@ -213,7 +330,7 @@ async def plan_level_clio(
     proposals = await client.gather([propose(h) for h in hood_ids], label="proposed parents")
     candidates = _unique([name for p in proposals if not isinstance(p, LLMFailure) for name in p.names])
     if not candidates:
-        return _offline_fallback(children, centroids, target)
+        return _offline_fallback(children, centroids, target, name_offline, "every proposal failed")
 
     # 3. Merge near-duplicate proposals across neighbourhoods.
     parents = candidates
@@ -234,8 +351,15 @@ async def plan_level_clio(
     matched = [None if isinstance(r, LLMFailure) else match_name(r.parent, parents) for r in replies]
     assignment = assign_unmatched(matched, centroids)
     if assignment is None:  # not one reply named a parent: group the children without the model
-        return _offline_fallback(children, centroids, target)
+        return _offline_fallback(
+            children, centroids, target, name_offline, "no assignment answer matched a parent"
+        )
     fallbacks = sum(1 for index in matched if index is None)
+    placed_by_sibling = Counter(assignment[i] for i, index in enumerate(matched) if index is None)
+    reasons = {
+        parent: f"{count} of its children placed next to their nearest sibling (no usable assignment answer)"
+        for parent, count in placed_by_sibling.items()
+    }
 
     # 5. Rename each parent from the children it actually got.
     async def rename(p: int) -> ClusterNameResponse | LLMFailure | None:
@@ -247,22 +371,41 @@ async def plan_level_clio(
 
     renamed = await client.gather([rename(p) for p in range(len(parents))], label="parent names")
     labels = []
-    for name, reply in zip(parents, renamed, strict=True):
+    for p, (name, reply) in enumerate(zip(parents, renamed, strict=True)):
         if reply is None or isinstance(reply, LLMFailure):
-            reason = reply.reason if isinstance(reply, LLMFailure) else None
-            labels.append(ClusterLabel(name, f"Parent category proposed as '{name}'.", reason))
+            reason = f"not renamed by the LLM: {reply.reason}" if isinstance(reply, LLMFailure) else None
+            count = sum(c.count for c, a in zip(children, assignment, strict=True) if a == p)
+            description = f"{count} conversations, under the name the model proposed for them; not described."
+            labels.append(ClusterLabel(name, description, reason))
         else:
             labels.append(ClusterLabel(scrub_pii(reply.name)[0], scrub_pii(reply.description)[0]))
-    return LevelPlan(assignment=assignment, labels=labels, fallbacks=fallbacks)
+    return LevelPlan(assignment=assignment, labels=labels, fallbacks=fallbacks, fallback_reasons=reasons)
 
 
-def _offline_fallback(children: list[Cluster], centroids: np.ndarray, target: int) -> LevelPlan:
-    """Every proposal failed: group by embeddings and name parents from their children's names."""
+def _offline_fallback(
+    children: list[Cluster], centroids: np.ndarray, target: int, name_offline: NameGroups | None, why: str
+) -> LevelPlan:
+    """The model gave nothing usable for this level: group the children by their embeddings
+    (size-weighted k-means) and name each group from its conversations, with true counts;
+    every parent says why it was made without the model."""
     sizes = np.array([child.count for child in children], dtype=np.float64)
-    assignment = kmeans_labels(centroids, target, sample_weight=sizes)  # as plan_level_offline
+    assignment = kmeans_labels(centroids, target, sample_weight=sizes)
     members_of = _children_of(children, assignment)
-    groups = [[c.name for c in members_of.get(g, [])] for g in range(target)]
-    return LevelPlan([int(a) for a in assignment], offline_labels(groups), fallbacks=len(children))
+    groups = [members_of.get(g, []) for g in range(target)]
+    if name_offline is not None:
+        labels = name_offline(groups)
+    else:
+        labels = [
+            ClusterLabel(f"Group {g + 1}", f"{sum(c.count for c in group)} conversations.")
+            for g, group in enumerate(groups)
+        ]
+    reason = f"grouped and named without the LLM: {why}"
+    return LevelPlan(
+        [int(a) for a in assignment],
+        labels,
+        fallbacks=len(children),
+        fallback_reasons=dict.fromkeys(range(target), reason),
+    )
 
 
 def sync_plan(
@@ -287,6 +430,8 @@ def hierarchy_problems(clusters: list[Cluster], chat_ids: list[str], max_top_clu
         children = children_of.get(cluster.id, [])
         if children and sorted(x for c in children for x in c.chat_ids) != sorted(cluster.chat_ids):
             problems.append(f"cluster {cluster.id} is not the union of its children")
+        if len(children) == 1:
+            problems.append(f"cluster {cluster.id} has a single child")
         if cluster.parent_id is not None and cluster.parent_id not in by_id:
             problems.append(f"cluster {cluster.id} points to a missing parent {cluster.parent_id}")
     tops = sum(1 for c in clusters if c.parent_id is None)

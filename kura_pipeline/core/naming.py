@@ -1,94 +1,146 @@
-"""Naming clusters: the LLM's contrastive names, and the offline names from distinctive terms."""
+"""Naming clusters: the LLM's contrastive names, and offline names from phrases many of a
+cluster's conversations share."""
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
-from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS, CountVectorizer
-
 from kura_pipeline.core.llm import LLMClient, LLMFailure
+from kura_pipeline.core.phrases import PhraseTable, SharedPhrase, group_phrases, phrase_table
 from kura_pipeline.core.privacy import scrub_pii
 from kura_pipeline.core.prompts import CLUSTER_NAME_PROMPT, ClusterNameResponse
-from kura_pipeline.core.summarise import COMMON_WORDS
-
-# Words of the offline summary template and the scrub placeholders say nothing about a cluster;
-# words every request uses ("write", "want", "help") would name every cluster alike.
-_TEMPLATE_WORDS = {"user", "asked", "turns", "url", "email", "phone", "number", "ip"}
-_REQUEST_WORDS = {
-    "write", "want", "need", "like", "help", "make", "create", "provide", "give", "use", "using",
-    "used", "does", "did", "know", "please", "explain", "tell", "list", "new", "good", "just",
-    "get", "let", "ll", "ve", "don", "im", "thanks", "thank", "hi", "hello", "yes", "okay", "ok",
-    "following", "answer", "question", "questions", "example", "way", "act", "based", "sure",
-}
-STOP_WORDS = sorted(
-    ENGLISH_STOP_WORDS
-    | _TEMPLATE_WORDS
-    | _REQUEST_WORDS
-    | {word for words in COMMON_WORDS.values() for word in words}
-)
 
 
 @dataclass(frozen=True)
 class ClusterLabel:
     name: str
     description: str
-    failed_reason: str | None = None
+    failed_reason: str | None = None  # set when the LLM's answer could not be used: the label is offline
 
 
-def distinctive_terms(documents_per_group: list[list[str]], top_n: int = 6) -> list[list[str]]:
-    """Class-based TF-IDF (as BERTopic's c-TF-IDF): terms frequent in a group, rare in others.
+@dataclass
+class NamingInputs:
+    """What offline naming reads: each conversation's clustering text (one row of `table`) and,
+    where known, its task type; the phrase table enforces Clio's threshold."""
 
-    Computed on the sparse counts, each group's best terms taken from its own non-zeros: a dense
-    (groups x vocabulary) matrix is 12 GB at 10,000 groups. Ties in score go to the term that
-    sorts first, so the names are reproducible."""
-    joined = [" ".join(docs) for docs in documents_per_group]
-    if not any(text.strip() for text in joined):
-        return [[] for _ in joined]
-    vectorizer = CountVectorizer(
-        stop_words=STOP_WORDS, token_pattern=r"(?u)\b[a-zA-Z][a-zA-Z0-9+#]{2,}\b", ngram_range=(1, 2)
+    table: PhraseTable
+    tasks: list[str | None]
+    min_conversations: int = 5
+    min_users: int = 1
+
+
+def naming_inputs(
+    texts: Sequence[str],
+    tasks: Sequence[str | None] | None = None,
+    users: Sequence[str | None] | None = None,
+    min_conversations: int = 5,
+    min_users: int = 1,
+) -> NamingInputs:
+    return NamingInputs(
+        table=phrase_table(texts, min_conversations, users if min_users > 1 else None),
+        tasks=list(tasks) if tasks is not None else [None] * len(texts),
+        min_conversations=min_conversations,
+        min_users=min_users,
     )
-    try:
-        counts = vectorizer.fit_transform(joined).astype(np.float64).tocsr()
-    except ValueError:  # only stop words everywhere
-        return [[] for _ in joined]
-    counts.sort_indices()  # columns in vocabulary (alphabetical) order within each row
-    terms = vectorizer.get_feature_names_out()
-    group_words = np.asarray(counts.sum(axis=1)).ravel()
-    average_words = counts.sum() / len(joined)
-    idf = np.log(1 + average_words / np.maximum(np.asarray(counts.sum(axis=0)).ravel(), 1))
-    result: list[list[str]] = []
-    for g in range(counts.shape[0]):
-        row = slice(counts.indptr[g], counts.indptr[g + 1])
-        columns = counts.indices[row]
-        scores = counts.data[row] / max(group_words[g], 1) * idf[columns]
-        picked: list[str] = []
-        for index in columns[np.lexsort((columns, -scores))]:  # score descending, then term
-            if len(picked) == top_n:
-                break
-            term = str(terms[index])
-            # Skip a unigram already inside a picked bigram and vice versa: no "python, python code".
-            if any(term in other or other in term for other in picked):
-                continue
-            picked.append(term)
-        result.append(picked)
-    return result
 
 
-def offline_labels(documents_per_group: list[list[str]]) -> list[ClusterLabel]:
-    """Names made of the terms that set each group apart; honest about how they were made."""
+# The offline task types (a fixed vocabulary, never a user's word) as a reader says them.
+TASK_PLURALS = {
+    "coding": "coding requests",
+    "question": "questions",
+    "writing": "writing requests",
+    "role play": "role-play requests",
+    "advice": "requests for advice or plans",
+    "maths": "maths requests",
+    "translation": "translation requests",
+    "summarising": "requests to summarise a text",
+    "other": "other requests",
+}
+
+
+def _task_plural(task: str) -> str:
+    return TASK_PLURALS.get(task, f"{task} requests")
+
+
+def _tasks_name(tasks: list[str | None]) -> str:
+    """A name from the task types alone, for a cluster whose conversations share no phrase."""
+    known = Counter(t for t in tasks if t)
+    if not known:
+        return "Requests with no phrase in common"
+    (first, n), *rest = known.most_common(2)
+    if n >= 0.6 * len(tasks) or not rest:
+        return _task_plural(first).capitalize()
+    return f"Mixed {_task_plural(first)} and {_task_plural(rest[0][0])}"
+
+
+def _label_name(phrases: list[SharedPhrase], taken: set[str], tasks: list[str | None]) -> str:
+    """A short label from the best phrases ("Python code and pandas dataframe"), not used by
+    another cluster: a reader must be able to tell two clusters apart by name."""
+    texts = [p.phrase for p in phrases]
+    options = [texts[:2], [texts[0], *texts[2:3]], texts[1:3], texts[:3]] if texts else [[_tasks_name(tasks)]]
+    for option in options:
+        if not option:
+            continue
+        name = option[0].capitalize() + (" and " + ", ".join(option[1:]) if len(option) > 1 else "")
+        if len(option) > 2:
+            name = option[0].capitalize() + ", " + ", ".join(option[1:-1]) + " and " + option[-1]
+        if name.lower() not in taken:
+            return name
+    base = texts[0].capitalize() if texts else _tasks_name(tasks)
+    known = Counter(t for t in tasks if t)
+    if texts and known:  # say what kind of requests tell this one apart
+        with_task = f"{base} ({_task_plural(known.most_common(1)[0][0])})"
+        if with_task.lower() not in taken:
+            return with_task
+    n = 2
+    while f"{base} ({n})".lower() in taken:
+        n += 1
+    return f"{base} ({n})" if base.lower() in taken else base
+
+
+def describe_offline(
+    count: int, phrases: list[SharedPhrase], tasks: list[str | None], min_conversations: int
+) -> str:
+    """What the cluster's conversations ask for, in words its conversations share (each phrase
+    used by at least `min_conversations` of them) and the task types of a fixed vocabulary."""
+    known = Counter(t for t in tasks if t)
+    parts = [f"{count} conversations."]
+    if known:
+        shown = [f"{_task_plural(task)} ({100 * n / len(tasks):.0f}%)" for task, n in known.most_common(2)]
+        parts.append("Mostly " + " and ".join(shown) + ".")
+    if phrases:
+        parts.append(
+            "Phrases its conversations share: "
+            + ", ".join(f"{p.phrase} ({100 * p.share:.0f}%)" for p in phrases)
+            + "."
+        )
+    else:
+        parts.append("No phrase is shared by enough of its conversations to name it.")
+    parts.append(f"Named offline, from phrases at least {min_conversations} of its conversations use.")
+    return " ".join(parts)
+
+
+def offline_labels(
+    inputs: NamingInputs,
+    groups: Sequence[Sequence[int]],
+    counts: Sequence[int] | None = None,
+    taken: set[str] | None = None,
+) -> list[ClusterLabel]:
+    """Names and descriptions for groups of conversations (rows of the inputs' table), made only
+    of phrases that at least `min_conversations` conversations (and `min_users` users) of the
+    group share; `counts` are the clusters' true sizes where the groups leave some out (the
+    conversations of withheld children); `taken` holds names already used (lower-case)."""
+    taken = set() if taken is None else taken
+    phrase_lists = group_phrases(inputs.table, groups, inputs.min_conversations, inputs.min_users)
     labels = []
-    for docs, terms in zip(documents_per_group, distinctive_terms(documents_per_group), strict=True):
-        if terms:
-            name = ", ".join(terms[:3]).capitalize()
-            description = (
-                f"{len(docs)} conversations whose summaries most distinctively mention "
-                f"{', '.join(terms)}. Named offline from distinctive terms, without an LLM."
-            )
-        else:
-            name = "Conversations without distinctive terms"
-            description = f"{len(docs)} conversations. Named offline, without an LLM."
-        labels.append(ClusterLabel(name=name, description=description))
+    for g, (members, phrases) in enumerate(zip(groups, phrase_lists, strict=True)):
+        tasks = [inputs.tasks[row] for row in members]
+        name = _label_name(phrases, taken, tasks)
+        taken.add(name.lower())
+        count = counts[g] if counts is not None else len(members)
+        labels.append(ClusterLabel(name, describe_offline(count, phrases, tasks, inputs.min_conversations)))
     return labels
 
 
@@ -100,8 +152,11 @@ async def llm_labels(
     client: LLMClient,
     inside_per_group: list[list[str]],
     outside_per_group: list[list[str]],
+    name_offline: Callable[[list[int]], list[ClusterLabel]],
 ) -> list[ClusterLabel]:
-    """Clio's contrastive naming: the group's summaries against its nearest outsiders."""
+    """Clio's contrastive naming: the group's summaries against its nearest outsiders. A group
+    whose call failed is named by `name_offline` (given the failed groups' indices) and keeps
+    the reason, so the cluster is marked as named without the LLM."""
 
     async def one(inside: list[str], outside: list[str]) -> ClusterNameResponse | LLMFailure:
         messages = CLUSTER_NAME_PROMPT.messages(
@@ -113,12 +168,15 @@ async def llm_labels(
         [one(i, o) for i, o in zip(inside_per_group, outside_per_group, strict=True)],
         label="cluster names",
     )
-    fallback = offline_labels(inside_per_group)
+    failed = [i for i, result in enumerate(results) if isinstance(result, LLMFailure)]
+    offline = dict(zip(failed, name_offline(failed) if failed else [], strict=True))
     labels = []
-    for result, offline in zip(results, fallback, strict=True):
+    for i, result in enumerate(results):
         if isinstance(result, LLMFailure):
-            # A failed naming call keeps the cluster, named offline, with the reason recorded.
-            labels.append(ClusterLabel(offline.name, offline.description, result.reason))
+            label = offline[i]
+            labels.append(
+                ClusterLabel(label.name, label.description, f"named without the LLM: {result.reason}")
+            )
         else:
             labels.append(ClusterLabel(scrub_pii(result.name)[0], scrub_pii(result.description)[0]))
     return labels

@@ -75,3 +75,21 @@ def cluster_path_per_conversation(clusters: list[Cluster]) -> dict[str, list[str
         for chat in cluster.chat_ids:
             paths[chat] = path
     return paths
+
+
+def cluster_at_each_level(clusters: list[Cluster]) -> dict[str, list[str]]:
+    """For each conversation, its cluster at level 0, 1, ..., top (the hierarchy's depth for
+    everyone). A level its branch skips (no parent is made with a single child) or stops below
+    is filled by the nearest cluster below it, so every level is a partition of every clustered
+    conversation."""
+    level_of = {c.id: c.level for c in clusters}
+    depth = max(level_of.values(), default=-1) + 1
+    result: dict[str, list[str]] = {}
+    for chat, path in cluster_path_per_conversation(clusters).items():
+        at_level, step = [], 0
+        for level in range(depth):
+            while step + 1 < len(path) and level_of[path[step + 1]] <= level:
+                step += 1
+            at_level.append(path[step])
+        result[chat] = at_level
+    return result

@@ -1,17 +1,21 @@
-"""Summarising conversations: the offline summary from the user's own words, and the LLM one."""
+"""Summarising conversations: the offline summary (a task type and shared phrases, never the
+user's sentences), and the LLM one (Clio's facets)."""
 
 from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from kura_pipeline.core.llm import LLMClient, LLMFailure
 from kura_pipeline.core.models import Conversation, ConversationSummary
+from kura_pipeline.core.phrases import document_phrases, phrase_table, words
 from kura_pipeline.core.privacy import scrub_pii
 from kura_pipeline.core.prompts import SUMMARY_PROMPT, SummaryResponse, format_conversation
 
-OFFLINE_SUMMARY_CHARS = 300
+OFFLINE_SUMMARY_CHARS = 300  # of the opening request: what is embedded for clustering
+PHRASE_SOURCE_CHARS = 1_500  # of all the user's messages: where a summary's phrases may come from
 
 _CODE_FENCE = re.compile(r"```([A-Za-z0-9_+#.-]+)")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -49,8 +53,12 @@ def first_user_text(conversation: Conversation) -> str:
     return ""
 
 
+def all_user_text(conversation: Conversation) -> str:
+    return "\n".join(m.content for m in conversation.messages if m.role == "user")
+
+
 def detect_languages(conversation: Conversation) -> list[str]:
-    """Human language by script or common words; programming languages by code-fence tags."""
+    """Human language by script or common words; programming languages by known code-fence tags."""
     text = " ".join(m.content for m in conversation.messages if m.role == "user")[:5000]
     languages: list[str] = []
     for name, pattern in _SCRIPTS:
@@ -65,7 +73,7 @@ def detect_languages(conversation: Conversation) -> list[str]:
     all_text = "\n".join(m.content for m in conversation.messages)
     for tag in _CODE_FENCE.findall(all_text):
         tag = tag.lower()
-        if tag not in languages and tag not in {"text", "plaintext", "output", "bash-session"}:
+        if tag not in languages and tag in PROGRAMMING_LANGUAGES:
             languages.append(tag)
     return languages
 
@@ -85,34 +93,232 @@ def shorten(text: str, limit: int) -> str:
     return text[:limit].rsplit(" ", 1)[0] + " …"
 
 
-def summarise_offline(conversation: Conversation) -> tuple[ConversationSummary, Counter[str]]:
-    """An honest summary with no model: the user's own opening request, PII scrubbed.
+# Task types the offline backend can tell from the words of a request: a fixed vocabulary (never
+# the user's words), checked in this order; the first that matches wins.
+TASK_RULES: list[tuple[str, frozenset[str]]] = [
+    ("translation", frozenset({"translate", "translation", "translating", "traduce", "traduire"})),
+    ("summarising", frozenset({"summarize", "summarise", "summary", "summarization", "tldr"})),
+    ("role play", frozenset({"roleplay", "pretend", "persona", "character"})),
+    (
+        "coding",
+        frozenset(
+            {
+                "code",
+                "function",
+                "python",
+                "javascript",
+                "typescript",
+                "java",
+                "sql",
+                "bug",
+                "error",
+                "script",
+                "api",
+                "compile",
+                "debug",
+                "program",
+                "react",
+                "css",
+                "html",
+                "regex",
+                "class",
+                "json",
+                "database",
+                "query",
+                "git",
+                "docker",
+                "linux",
+                "bash",
+                "c++",
+                "c#",
+                "rust",
+                "golang",
+                "dataframe",
+                "pandas",
+                "numpy",
+                "algorithm",
+                "server",
+                "flask",
+                "django",
+                "node",
+                "excel",
+            }
+        ),
+    ),  # fmt: skip
+    (
+        "maths",
+        frozenset(
+            {"calculate", "equation", "solve", "math", "maths", "probability", "integral", "derivative"}
+        ),
+    ),
+    (
+        "writing",
+        frozenset(
+            {
+                "write",
+                "draft",
+                "compose",
+                "essay",
+                "email",
+                "letter",
+                "story",
+                "poem",
+                "article",
+                "blog",
+                "tweet",
+                "caption",
+                "slogan",
+                "lyrics",
+                "outline",
+                "rewrite",
+                "paraphrase",
+                "proofread",
+            }
+        ),
+    ),  # fmt: skip
+    ("advice", frozenset({"plan", "advice", "recommend", "suggest", "ideas", "strategy", "tips"})),
+    ("question", frozenset({"what", "why", "how", "who", "when", "where", "which", "explain"})),
+]
+OTHER_TASK = "other"
+# Programming languages named by code-fence tags: only known names are kept, never a tag a user
+# typed (it could be anything).
+PROGRAMMING_LANGUAGES = frozenset({
+    "python", "py", "javascript", "js", "typescript", "ts", "java", "c", "cpp", "c++", "csharp", "cs",
+    "go", "rust", "ruby", "php", "swift", "kotlin", "scala", "r", "sql", "bash", "sh", "shell",
+    "powershell", "html", "css", "json", "yaml", "xml", "markdown", "latex", "matlab", "perl", "lua",
+    "dart", "haskell", "julia", "vb", "vba", "jsx", "tsx", "scss", "dockerfile", "makefile", "graphql",
+})  # fmt: skip
 
-    Facets that need judgement (concerning score, frustration, errors, task) are left empty
-    rather than guessed; the run's metadata says the offline backend produced them.
-    """
+
+def task_type(text: str, has_code: bool = False) -> str:
+    """The kind of task a request is, from a fixed list: a rule, not a judgement."""
+    found = set(words(text))
+    if "act" in found and "as" in found:
+        found.add("roleplay")
+    for name, cues in TASK_RULES:
+        if name == "coding" and has_code:
+            return name
+        if found & cues:
+            return name
+    return OTHER_TASK
+
+
+@dataclass(frozen=True)
+class OfflineRequest:
+    """What the offline backend reads of a conversation: never shown as it is."""
+
+    chat_id: str
+    request: str  # the opening request, shortened and scrubbed of PII: embedded, never shown
+    user_text: str  # the user's messages, cut and scrubbed: where key phrases are looked for
+    languages: list[str]
+    task: str
+    user_turns: int
+    metadata: dict
+
+
+def read_request(conversation: Conversation) -> tuple[OfflineRequest, Counter[str]]:
     request, counts = scrub_pii(shorten(first_user_text(conversation), OFFLINE_SUMMARY_CHARS))
-    turns = sum(1 for m in conversation.messages if m.role == "user")
-    summary = f"The user asked: {request}" + (f" ({turns} user turns)" if turns > 1 else "")
+    languages = detect_languages(conversation)
+    has_code = any(language not in COMMON_WORDS and language not in dict(_SCRIPTS) for language in languages)
     return (
-        ConversationSummary(
+        OfflineRequest(
             chat_id=conversation.chat_id,
-            summary=summary,
             request=request,
-            languages=detect_languages(conversation),
+            user_text=scrub_pii(" ".join(all_user_text(conversation).split())[:PHRASE_SOURCE_CHARS])[0],
+            languages=languages,
+            task=task_type(request, has_code),
+            user_turns=sum(1 for m in conversation.messages if m.role == "user"),
             metadata=conversation.metadata,
         ),
         counts,
     )
 
 
-def summarise_all_offline(conversations: list[Conversation]) -> SummaryRun:
+TASK_WORDING = {
+    "translation": "A translation request",
+    "summarising": "A request to summarise a text",
+    "role play": "A role-play request",
+    "coding": "A coding request",
+    "maths": "A maths request",
+    "writing": "A writing request",
+    "advice": "A request for advice or a plan",
+    "question": "A question",
+    OTHER_TASK: "A request",
+}
+
+
+def abstract_summary(task: str, phrases: list[str], languages: list[str], user_turns: int) -> str:
+    """A summary made of a task type, shared key phrases and facets: never the user's sentences."""
+    about = (
+        f" about {', '.join(phrases)}"
+        if phrases
+        else " (no phrase it shares with enough other conversations)"
+    )
+    parts = [f"{TASK_WORDING.get(task, TASK_WORDING[OTHER_TASK])}{about}"]
+    if languages:
+        parts.append(", ".join(languages))
+    if user_turns > 1:
+        parts.append(f"{user_turns} user turns")
+    return " · ".join(parts)
+
+
+def summarise_all_offline(
+    conversations: Iterable[Conversation],
+    min_conversations: int = 5,
+    min_users: int = 1,
+    user_field: str = "user_id",
+) -> SummaryRun:
+    """Summaries with no model, in two passes: read every request, then describe each one with the
+    phrases that at least `min_conversations` conversations of the dataset share (Clio's
+    threshold: a phrase fewer people used is never shown). Facets that need judgement
+    (concerning score, frustration, errors) are left empty rather than guessed; the task type is
+    a keyword rule, said as such in the README."""
     run = SummaryRun(summaries=[])
+    requests: list[OfflineRequest] = []
     for conversation in conversations:
-        summary, counts = summarise_offline(conversation)
-        run.summaries.append(summary)
+        read, counts = read_request(conversation)
+        requests.append(read)
         run.pii_scrubbed.update(counts)
+    users = [_user_of(r.metadata, user_field) for r in requests]
+    table = phrase_table([r.user_text for r in requests], min_conversations, users if min_users > 1 else None)
+    for row, read in enumerate(requests):
+        phrases = document_phrases(table, row)
+        summary = abstract_summary(read.task, phrases, read.languages, read.user_turns)
+        # Phrases are short, but three of them could sit side by side in the user's text: a
+        # summary never repeats RUN_OF_WORDS consecutive words of it.
+        while phrases and shares_run_of_words(summary, read.user_text):
+            phrases = phrases[:-1]
+            summary = abstract_summary(read.task, phrases, read.languages, read.user_turns)
+        run.summaries.append(
+            ConversationSummary(
+                chat_id=read.chat_id,
+                summary=summary,
+                request=None,
+                task=read.task,
+                languages=read.languages,
+                metadata=read.metadata,
+                clustering_text=read.request,
+            )
+        )
     return run
+
+
+RUN_OF_WORDS = 8
+
+
+def shares_run_of_words(shown: str, source: str, n: int = RUN_OF_WORDS) -> bool:
+    """Whether `shown` repeats n consecutive words of `source` (punctuation and case ignored)."""
+    shown_words = words(shown)
+    if len(shown_words) < n:
+        return False
+    runs = {tuple(shown_words[i : i + n]) for i in range(len(shown_words) - n + 1)}
+    source_words = words(source)
+    return any(tuple(source_words[i : i + n]) in runs for i in range(len(source_words) - n + 1))
+
+
+def _user_of(metadata: dict, field: str) -> str | None:
+    value = metadata.get(field)
+    return None if value is None else str(value)
 
 
 def summary_from_response(

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from dagster import Config, ConfigurableResource, InitResourceContext
 from pydantic import PrivateAttr
 
+from kura_pipeline.core.backends import OFFLINE_LABEL, Backend, LLMBackend, OfflineBackend
 from kura_pipeline.core.llm import LLMClient, LLMSettings
 from kura_pipeline.core.llm_cache import ResponseCache
 from kura_pipeline.core.prompts import DEFAULT_CONVERSATION_CHAR_BUDGET
@@ -109,7 +110,7 @@ class LLMResource(ConfigurableResource):
     def label(self) -> str:
         """Which backend made the results: recorded in every stage's metadata."""
         if self.is_offline:
-            return "offline (no LLM)"
+            return OFFLINE_LABEL
         if self.backend == "local":
             return f"local llama.cpp:{self.local_model}"
         return f"openai-compatible:{self.model}"
@@ -143,8 +144,22 @@ class LLMResource(ConfigurableResource):
         )
         return LLMClient(settings, cache=cache, log=log)
 
+    def select_backend(self, log: Callable[[str], None] | None = None) -> Backend:
+        """What summarises, names, builds the hierarchy and audits: the one place the choice
+        between the offline backend and the LLM is made."""
+        if self.is_offline:
+            return OfflineBackend()
+        return LLMBackend(
+            self.label,
+            summary_client=self.client(self.summary_client, log=log),
+            cluster_client=self.client(self.cluster_client, log=log),
+            char_budget=self.char_budget,
+        )
+
     def all_clients(self, log: Callable[[str], None] | None = None) -> dict[str, LLMClient]:
-        """Every client by name, as extractors receive them."""
+        """Every client by name, as extractors receive them (none offline)."""
+        if self.is_offline:
+            return {}
         return {name: self.client(name, log=log) for name in self.client_names}
 
     def _default_settings(self) -> LLMSettings:
@@ -177,9 +192,9 @@ class LLMResource(ConfigurableResource):
 def clients_from_file(path: str | Path) -> dict[str, Any]:
     """`clients`, `summary_client` and `cluster_client` from a YAML file (KURA_LLM_CLIENTS)::
 
-        clients:
-          cheap: {model: gpt-4o-mini, api_key_env: OPENAI_API_KEY, tokens_per_minute: 200000}
-        summary_client: cheap
+    clients:
+      cheap: {model: gpt-4o-mini, api_key_env: OPENAI_API_KEY, tokens_per_minute: 200000}
+    summary_client: cheap
     """
     import yaml
 

@@ -4,6 +4,10 @@
  * Every string from the data reaches the page through textContent or DOM properties, never
  * as markup. plotly reads a little HTML in its labels, so strings handed to plotly are
  * entity-escaped first (esc).
+ *
+ * Cluster sizes and shares come from the data (Python's shown_tree), not from the conversations
+ * in the page: a cluster counts all its conversations, withheld ones included, so the page
+ * says the same numbers as the terminal tree. Only what filters match is counted here.
  */
 (function () {
   "use strict";
@@ -40,8 +44,10 @@
   for (let i = 0; i < n; i++) { baseTin[i] = tin[V.cluster[i]]; convTop[i] = topOf[V.cluster[i]]; }
   const inCluster = (i, c) => baseTin[i] >= tin[c] && baseTin[i] < tout[c];
   const byLevel = Array.from({ length: nC }, (_, c) => c).sort((a, b) => C.level[a] - C.level[b]);
-  const totals = new Int32Array(nC);
-  aggregate(totals, null);
+  const totals = C.count; // all of a cluster's conversations, withheld descendants included
+  // Conversations below a cluster that are in withheld clusters, hence not in this page.
+  const withheldBelow = Int32Array.from(C.withheld);
+  for (const c of byLevel) if (C.parent[c] >= 0) withheldBelow[C.parent[c]] += withheldBelow[c];
   // Top-level clusters keep one colour each, by rank of size (as in the PNG of the Dagster UI).
   const rootsBySize = roots.slice().sort((a, b) => totals[b] - totals[a] || cmp(C.name[a], C.name[b]));
   const colourOf = new Array(nC);
@@ -83,6 +89,13 @@
     return (p > 0 && p < 0.1 ? "<0.1" : p >= 10 ? p.toFixed(0) : p.toFixed(1)) + "%";
   }
   const fmt = (x) => x.toLocaleString("en-US");
+  const filtered = () => state.filters.size > 0;
+  // A cluster's size, the same words in the tree, the detail panel and on the map; its share is
+  // always of all conversations, so a filter never changes it.
+  function sizeText(c) {
+    return (filtered() ? `${fmt(counts[c])} of ${fmt(totals[c])} match` : fmt(totals[c])) + ` · ${C.share[c]}`;
+  }
+  function plural(k, one, many) { return `${fmt(k)} ${k === 1 ? one : many}`; }
   function dayString(day) { return new Date(day * 86400000).toISOString().slice(0, 10); }
   function valueLabel(f, code) { return code < 0 ? "(not set)" : FACETS[f].values[code]; }
   function hasValue(f, i, code) {
@@ -141,7 +154,7 @@
     state.shown = PAGE;
     state.open.clear();
     if (c >= 0) for (const a of pathOf(c).slice(0, -1)) state.expanded.add(a);
-    if (c >= 0 && from === "tree" && children[c].length) state.expanded.add(c);
+    if (c >= 0 && from === "tree" && (children[c].length || C.withheld[c])) state.expanded.add(c);
     renderAll();
     if (c >= 0 && from !== "tree") {
       const row = document.querySelector(`#tree .node-row[data-index="${c}"]`);
@@ -174,8 +187,8 @@
     document.title = `${D.dataset} · kura explorer`;
     const levels = new Set(C.level).size;
     document.getElementById("stats").textContent =
-      `${fmt(n)} conversations · ${fmt(roots.length)} top-level clusters · ${fmt(nC)} clusters in ${levels} level${levels === 1 ? "" : "s"}` +
-      (D.withheld ? ` · ${fmt(D.withheld)} more in withheld clusters, not shown` : "");
+      `${fmt(D.total)} conversations · ${fmt(roots.length)} top-level clusters · ${fmt(nC)} clusters in ${levels} level${levels === 1 ? "" : "s"}` +
+      (D.withheld ? ` · ${fmt(D.withheld)} of the conversations are in clusters too small or too specific to show` : "");
     const facetSelect = document.getElementById("facet-select");
     facetSelect.replaceChildren(new Option("by…", ""));
     const groups = new Map();
@@ -234,39 +247,55 @@
       }
     }
     document.getElementById("clear-filters").hidden = state.filters.size === 0;
+    // Withheld conversations are not in the page, so filters cannot look at them: said, not hidden.
     document.getElementById("filter-status").textContent = state.filters.size
-      ? `showing ${fmt(matchCount)} of ${fmt(n)} conversations`
-      : `all ${fmt(n)} conversations`;
+      ? `showing ${fmt(matchCount)} of ${fmt(D.total)} conversations` +
+        (D.withheld ? ` (filters apply to the ${fmt(n)} in this page, not to the ${fmt(D.withheld)} in withheld clusters)` : "")
+      : `all ${fmt(D.total)} conversations`;
   }
 
   // ---------- the tree ----------
+  // Biggest first, as the terminal tree orders them; by matches while a filter is on.
   function sortedBySize(list) {
-    return list.slice().sort((a, b) => counts[b] - counts[a] || totals[b] - totals[a] || cmp(C.name[a], C.name[b]));
+    const first = filtered() ? counts : totals;
+    return list.slice().sort((a, b) => first[b] - first[a] || totals[b] - totals[a] || cmp(C.name[a], C.name[b]));
   }
+
+  // The one line that stands for a parent's withheld children (or withheld top-level clusters).
+  function withheldItem(line, count) {
+    const li = el("li", "withheld-line", line);
+    li.dataset.count = String(count);
+    return li;
+  }
+
+  function fallbackText(c) { return `named without the LLM: ${C.fallback[c]}`; }
 
   function renderTree() {
-    const filtered = state.filters.size > 0;
-    document.getElementById("tree-hint").textContent = filtered
-      ? `conversations matching the filters (of all) · share of the ${fmt(matchCount)} shown`
-      : "conversations · share of all conversations";
+    document.getElementById("tree-hint").textContent = (filtered()
+      ? "conversations matching the filters, of each cluster's conversations"
+      : "conversations") + ` · share of all ${fmt(D.total)} conversations`;
     const list = document.getElementById("tree");
-    list.replaceChildren(...sortedBySize(roots).map((c) => treeNode(c, filtered)));
+    list.replaceChildren(...sortedBySize(roots).map((c) => treeNode(c)));
+    if (D.withheldTop) list.append(withheldItem(D.withheldTopLine, D.withheldTop));
   }
 
-  function treeNode(c, filtered) {
+  function treeNode(c) {
     const li = el("li");
     li.setAttribute("role", "treeitem");
     const kids = children[c];
     const open = state.expanded.has(c);
-    if (kids.length) li.setAttribute("aria-expanded", String(open));
+    const expandable = kids.length > 0 || C.withheld[c] > 0; // the withheld line is inside too
+    if (expandable) li.setAttribute("aria-expanded", String(open));
     const row = el("div", "node-row");
     row.dataset.index = String(c);
     row.dataset.cluster = C.id[c];
-    row.dataset.count = String(counts[c]);
+    row.dataset.count = String(filtered() ? counts[c] : totals[c]);
+    row.dataset.total = String(totals[c]);
+    row.dataset.share = C.share[c];
     if (c === state.selected) row.classList.add("selected");
-    if (counts[c] === 0) row.classList.add("empty");
-    const toggle = el("button", "toggle", kids.length ? (open ? "▾" : "▸") : "");
-    if (kids.length) {
+    if ((filtered() ? counts[c] : totals[c]) === 0) row.classList.add("empty");
+    const toggle = el("button", "toggle", expandable ? (open ? "▾" : "▸") : "");
+    if (expandable) {
       toggle.setAttribute("aria-label", open ? "Collapse" : "Expand");
       toggle.addEventListener("click", () => {
         if (open) state.expanded.delete(c); else state.expanded.add(c);
@@ -278,14 +307,16 @@
     const name = el("button", "name", C.name[c]);
     name.title = C.description[c];
     name.addEventListener("click", () => select(c, "tree"));
-    const size = el("span", "size");
-    size.textContent = (filtered ? `${fmt(counts[c])} (${fmt(totals[c])})` : fmt(counts[c])) + ` · ${pct(counts[c], matchCount)}`;
-    row.append(toggle, swatch, name, size);
+    const mark = el("span", "fallback-mark", C.fallback[c] ? "no LLM" : "");
+    if (C.fallback[c]) mark.title = fallbackText(c);
+    const size = el("span", "size", sizeText(c));
+    row.append(toggle, swatch, name, mark, size);
     li.append(row);
-    if (kids.length && open) {
+    if (expandable && open) {
       const sub = el("ul");
       sub.setAttribute("role", "group");
-      sub.append(...sortedBySize(kids).map((k) => treeNode(k, filtered)));
+      sub.append(...sortedBySize(kids).map((k) => treeNode(k)));
+      if (C.withheld[c]) sub.append(withheldItem(C.withheldLine[c], C.withheld[c]));
       li.append(sub);
     }
     return li;
@@ -388,7 +419,7 @@
       x: sx[c] / k[c], y: sy[c] / k[c], text: esc(cut(C.name[c], 32)), showarrow: false,
       bgcolor: "rgba(255,255,255,0.85)", bordercolor: colourFor(c), borderwidth: 1.5, borderpad: 2,
       font: { size: 11, color: "#1f2328" }, captureevents: true, name: String(c),
-      hovertext: esc(`${cut(C.name[c], 80)} · ${fmt(k[c])} conversations`),
+      hovertext: esc(`${cut(C.name[c], 80)} · ${sizeText(c)}`),
     }));
   }
 
@@ -420,8 +451,8 @@
   }
 
   // ---------- the time chart ----------
-  let firstDay = Infinity, lastDay = -Infinity;
-  for (const d of V.day) if (d !== null) { firstDay = Math.min(firstDay, d); lastDay = Math.max(lastDay, d); }
+  let firstDay = Infinity, lastDay = -Infinity, dated = 0;
+  for (const d of V.day) if (d !== null) { firstDay = Math.min(firstDay, d); lastDay = Math.max(lastDay, d); dated++; }
   const span = lastDay >= firstDay ? lastDay - firstDay : 0;
   const unit = span <= 62 ? "day" : span <= 731 ? "week" : "month";
   function period(day) {
@@ -450,10 +481,11 @@
     const byBatch = state.timeMode === "batch" && batchFacet >= 0;
     const buckets = new Map(); // key -> Int32Array per series (+ other)
     const members = membersOf(s);
+    let undated = 0; // a conversation without a date is counted and said, never put on a made-up day
     for (const i of members) {
       let key;
       if (byBatch) { key = FACETS[batchFacet].codes[i]; } else {
-        if (V.day[i] === null) continue;
+        if (V.day[i] === null) { undated++; continue; }
         key = period(V.day[i]);
       }
       let slot = shownSeries.length;
@@ -463,12 +495,21 @@
     }
     const keys = [...buckets.keys()].sort((a, b) => a - b);
     const what = s < 0 ? "all conversations" : C.name[s];
-    // One date for everything (datasets without timestamps): a chart of one bar says nothing.
-    const flat = !byBatch && span === 0 && n > 0;
+    // No dates, or one date for everything: a chart of one bar (or none) says nothing.
+    const undatedAll = !dated;
+    const flat = !byBatch && (undatedAll || span === 0) && n > 0;
     document.getElementById("time-title").textContent = flat ? "Over time"
       : `${byBatch ? "Conversations per batch" : `Conversations per ${unit}`} · ${cut(what, 60)}`;
-    document.getElementById("time-note").textContent = flat
-      ? `Every conversation is dated ${dayString(firstDay)}, so there is no change over time to show.` : "";
+    const timeNote = document.getElementById("time-note");
+    timeNote.textContent = !flat ? ""
+      : undatedAll ? "No conversation has a date, so there is no change over time to show."
+      : `Every conversation ${dated < n ? "with a date " : ""}is dated ${dayString(firstDay)}, so there is no change over time to show.`;
+    timeNote.title = timeNote.textContent; // the bar is one line: the whole text on hover
+    const undatedNote = document.getElementById("time-undated");
+    undatedNote.dataset.count = String(byBatch ? 0 : undated);
+    undatedNote.textContent = !byBatch && undated && !undatedAll
+      ? `${plural(undated, "conversation", "conversations")} without a date${flat ? "" : ", not plotted"}` : "";
+    undatedNote.title = undatedNote.textContent;
     document.getElementById("time").hidden = flat;
     if (flat) return;
     const xs = keys.map((k) => (byBatch ? esc(valueLabel(batchFacet, k)) : dayString(k)));
@@ -508,60 +549,90 @@
       ? "Pick a cluster in the tree or on the map. Each cluster groups conversations with similar summaries; its name and description describe the group, not any one conversation."
       : C.description[s]);
     description.id = "detail-description";
-    const count = s < 0 ? matchCount : counts[s];
-    const total = s < 0 ? n : totals[s];
+    const total = s < 0 ? D.total : totals[s];
+    const count = !filtered() ? total : s < 0 ? matchCount : counts[s];
     const numbers = el("p", "numbers");
     numbers.id = "detail-count";
     numbers.dataset.count = String(count);
-    numbers.textContent = (state.filters.size
-      ? `${fmt(count)} of its ${fmt(total)} conversations match the filters`
-      : `${fmt(count)} conversations`) + (s >= 0 ? ` · ${pct(totals[s], n)} of all · level ${C.level[s]}` : "");
+    numbers.dataset.total = String(total);
+    // The share is the tree's: of all conversations, whatever the filters.
+    const share = s < 0 ? "" : filtered()
+      ? ` · the cluster is ${C.share[s]} of all conversations · level ${C.level[s]}`
+      : ` · ${C.share[s]} of all conversations · level ${C.level[s]}`;
+    if (s >= 0) numbers.dataset.share = C.share[s];
+    numbers.textContent = (filtered()
+      ? `${fmt(count)} of ${s < 0 ? "the" : "its"} ${fmt(total)} conversations match the filters`
+      : `${fmt(count)} conversations`) + share;
     const parts = [crumbs, heading, description, numbers];
+    if (s >= 0 && C.fallback[s]) {
+      const mark = el("p", "fallback", fallbackText(s));
+      mark.id = "detail-fallback";
+      parts.push(mark);
+    }
     const notes = el("div", "notes");
     for (const note of D.notes) notes.append(el("p", "", note));
     if (s < 0 && D.notes.length) parts.push(notes);
 
     const kids = s < 0 ? roots : children[s];
-    if (kids.length) {
-      parts.push(el("h3", "", s < 0 ? "Top-level clusters · share of all shown" : `Children (${kids.length}) · share of this cluster`));
+    const withheldHere = s < 0 ? D.withheldTop : C.withheld[s];
+    if (kids.length || withheldHere) {
+      parts.push(el("h3", "", (s < 0 ? "Top-level clusters" : `Children (${kids.length})`) +
+        (filtered() ? " · matching, of each cluster's conversations" : " · conversations") + " · share of all conversations"));
       const list = el("ul", "child-list");
       list.id = "detail-children";
       for (const c of sortedBySize(kids)) {
         const li = el("li"), b = el("button");
         const sw = el("span", "swatch");
         sw.style.background = colourFor(c);
-        b.append(sw, el("span", "", C.name[c]), el("span", "size", `${fmt(counts[c])} · ${pct(counts[c], count)}`));
-        b.title = C.description[c];
+        const size = el("span", "size", sizeText(c));
+        size.dataset.share = C.share[c];
+        b.append(sw, el("span", "", C.name[c]), size);
+        b.title = C.description[c] + (C.fallback[c] ? `\n(${fallbackText(c)})` : "");
         b.addEventListener("click", () => select(c, "detail"));
         li.append(b);
         list.append(li);
       }
       parts.push(list);
+      // The rest of this cluster's count, so its children visibly add up to it.
+      if (withheldHere) {
+        const line = el("p", "withheld-line", s < 0 ? D.withheldTopLine : C.withheldLine[s]);
+        line.id = "detail-withheld";
+        line.dataset.count = String(withheldHere);
+        parts.push(line);
+      }
     }
 
     const members = membersOf(s);
     parts.push(el("h3", "", "Breakdowns"));
-    parts.push(breakdownLegend(s));
+    parts.push(breakdownLegend(s, members.length));
     const facetsBox = el("div");
     facetsBox.id = "breakdowns";
     FACETS.forEach((_, f) => facetsBox.append(breakdown(f, members)));
     if (!FACETS.length) facetsBox.append(el("p", "empty-state", "No facets or properties in this dataset."));
     parts.push(facetsBox);
 
-    parts.push(el("h3", "", `Summaries (${fmt(members.length)})`));
+    parts.push(el("h3", "", `Summaries (${fmt(members.length)}${notInPage(s) ? " in this page" : ""})`));
     parts.push(summaryList(members));
     if (s >= 0 && D.notes.length) parts.push(notes);
     box.replaceChildren(...parts);
   }
 
-  function breakdownLegend(s) {
+  // Conversations of the selection that are in withheld clusters: in its count, not in the page.
+  function notInPage(s) { return s < 0 ? D.withheld : withheldBelow[s]; }
+
+  // Breakdowns count the conversations in this page (those that match the filters): what each
+  // share is a share of is said in words, with the ones left out.
+  function breakdownLegend(s, here) {
     const line = el("div", "legend-line");
+    const matching = filtered() ? " matching the filters" : "";
     if (s < 0) {
-      line.append(el("span", "fill-key"), document.createTextNode(" share of the conversations shown · click a value to filter by it"));
+      line.append(el("span", "fill-key"), document.createTextNode(` share of the ${fmt(here)} conversations${matching} in this page · click a value to filter by it`));
     } else {
-      line.append(el("span", "fill-key"), document.createTextNode(" share in this cluster "),
-        el("span", "tick-key"), document.createTextNode(" share in all conversations shown · click a value to filter by it"));
+      line.append(el("span", "fill-key"), document.createTextNode(` share of this cluster's ${fmt(here)} conversations${matching} in this page `),
+        el("span", "tick-key"), document.createTextNode(` share of all ${fmt(matchCount)}${matching} in this page · click a value to filter by it`));
     }
+    const missing = notInPage(s);
+    if (missing) line.append(document.createTextNode(` · ${plural(missing, "conversation", "conversations")} in clusters too small or too specific to show ${missing === 1 ? "is" : "are"} not in this page`));
     return line;
   }
 
@@ -587,7 +658,7 @@
       const k = tally[code < 0 ? unset : code], b = base[code < 0 ? unset : code];
       const row = el("button", "facet-row");
       if (active.has(code)) row.classList.add("active");
-      row.title = `${valueLabel(f, code)}: ${fmt(k)} here (${pct(k, size)}), ${pct(b, all)} of all conversations shown`;
+      row.title = `${valueLabel(f, code)}: ${fmt(k)} of the ${fmt(members.length)} here (${pct(k, size)}); ${pct(b, all)} of all ${fmt(matchCount)} in this page`;
       const track = el("span", "track"), fill = el("span", "fill"), tick = el("span", "tick");
       fill.style.width = `${(100 * k) / size}%`;
       tick.style.left = `calc(${(100 * b) / all}% - 1px)`;
@@ -613,7 +684,7 @@
       const meta = el("div", "meta");
       const facts = [];
       if (s < 0 || children[s].length) facts.push(C.name[V.cluster[i]]);
-      if (V.day[i] !== null) facts.push(dayString(V.day[i]));
+      facts.push(V.day[i] === null ? "date unknown" : dayString(V.day[i]));
       if (V.id) facts.push(V.id[i]);
       meta.append(document.createTextNode(facts.join(" · ")));
       if (V.text) {

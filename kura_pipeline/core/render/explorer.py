@@ -8,6 +8,9 @@ and a Content-Security-Policy that lets only the page's own two scripts run keep
 
 The data is column-wise (one array per field, clusters and facet values by index) to stay
 compact: a conversation costs its summary plus a few small integers.
+
+Cluster counts, shares and the withheld lines come from shown_tree, as in the terminal tree and
+the Dagster UI; the page only counts, itself, which of its conversations match the filters.
 """
 
 from __future__ import annotations
@@ -26,8 +29,12 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from kura_pipeline.core.backends import OFFLINE_LABEL
+from kura_pipeline.core.frames import frame_to_clusters
+from kura_pipeline.core.models import LOADER_BOOKKEEPING_KEYS
 from kura_pipeline.core.render.map_png import hex_to_rgb, scatter_png, swatch_png
 from kura_pipeline.core.render.markdown import escape_markdown
+from kura_pipeline.core.render.shown import WITHHELD_LINE, ShownTree, hidden_ids, shown_tree
 
 # Top-level clusters take these colours in order of size (the same in the page and the PNG).
 PALETTE = [
@@ -51,6 +58,14 @@ SUMMARY_FACETS = [
     ("assistant_errors", "assistant errors", True, False),
 ]
 BATCH_PROPERTIES = ("batch", "metadata.batch")
+# What the summaries' `backend` metadata says for the offline backend: only then is it the reason
+# facets that need judgement are empty.
+OFFLINE_BACKEND = OFFLINE_LABEL
+
+
+def share_label(tree: ShownTree, count: int) -> str:
+    """A cluster's share of all conversations, written as the terminal tree writes it."""
+    return f"{tree.share(count):.1f}%"
 
 
 @dataclass
@@ -86,6 +101,13 @@ class ExplorerData:
     cluster_descriptions: list[str]
     cluster_parents: list[int]
     cluster_levels: list[int]
+    # All of each cluster's conversations (withheld descendants included) and its share of
+    # `hierarchy_total`, from shown_tree: the same numbers as the terminal tree.
+    cluster_counts: list[int]
+    cluster_shares: list[str]
+    # Conversations in withheld children, said as one line under the cluster (0: none).
+    cluster_withheld: list[int]
+    cluster_fallbacks: list[str | None]  # why an LLM run named or grouped it without the model
     x: np.ndarray
     y: np.ndarray
     base_cluster: np.ndarray  # each conversation's level-0 cluster (an index into the clusters)
@@ -95,6 +117,8 @@ class ExplorerData:
     chat_ids: list[str] | None = None  # only with show_conversations
     texts: list[str] | None = None  # only with show_conversations
     total_conversations: int = 0  # in the raw table, placed on the map or not
+    hierarchy_total: int = 0  # in the hierarchy: what every share is a share of
+    withheld_top: int = 0  # conversations in withheld top-level clusters
     withheld_clusters: int = 0
     withheld_conversations: int = 0
     notes: list[str] = field(default_factory=list)
@@ -111,26 +135,24 @@ class ExplorerData:
                 top[c] = self.cluster_parents[top[c]]
         return np.array(top, dtype=np.int64)
 
-    def cluster_sizes(self) -> np.ndarray:
-        sizes = np.bincount(self.base_cluster, minlength=len(self.cluster_ids))
-        for c in sorted(range(len(sizes)), key=lambda c: self.cluster_levels[c]):
-            if self.cluster_parents[c] >= 0:
-                sizes[self.cluster_parents[c]] += sizes[c]
-        return sizes
-
     def top_colours(self) -> dict[int, str]:
-        """Top-level clusters coloured by rank of size, as in the page."""
-        sizes = self.cluster_sizes()
+        """Top-level clusters coloured by rank of size (shown_tree's order), as in the page."""
+        sizes = self.cluster_counts
         roots = [c for c, p in enumerate(self.cluster_parents) if p < 0]
         roots.sort(key=lambda c: (-sizes[c], self.cluster_names[c]))
         return {c: PALETTE[rank % len(PALETTE)] for rank, c in enumerate(roots)}
 
     def as_json(self) -> dict[str, Any]:
+        def line(count: int) -> str | None:
+            return WITHHELD_LINE.format(count=count) if count else None
+
         return {
-            "version": 1,
+            "version": 2,
             "dataset": self.dataset,
-            "total": self.total_conversations,
+            "total": self.hierarchy_total,
             "withheld": self.withheld_conversations,
+            "withheldTop": self.withheld_top,
+            "withheldTopLine": line(self.withheld_top),
             "palette": PALETTE,
             "clusters": {
                 "id": self.cluster_ids,
@@ -138,6 +160,11 @@ class ExplorerData:
                 "description": self.cluster_descriptions,
                 "parent": self.cluster_parents,
                 "level": self.cluster_levels,
+                "count": self.cluster_counts,
+                "share": self.cluster_shares,
+                "withheld": self.cluster_withheld,
+                "withheldLine": [line(k) for k in self.cluster_withheld],
+                "fallback": self.cluster_fallbacks,
             },
             "conv": {
                 "x": self.x.tolist(),
@@ -162,24 +189,30 @@ def build_explorer_data(
     projections: pl.DataFrame,
     raw_conversations: pl.DataFrame,
     show_conversations: bool = False,
+    backend: str | None = None,
 ) -> ExplorerData:
     """Align the stages' tables on the conversations placed on the map.
 
     Withheld clusters (below the privacy threshold), what hangs below them and their
     conversations are left out of the data entirely, not just hidden: the page is a file anyone
-    holding it can read. Only their number is said.
+    holding it can read. Only their number is said, as the terminal tree says it (shown_tree).
+    `backend` is the summaries' `backend` metadata, when known.
     """
-    hidden = withheld_with_descendants(meta_clusters)
-    clusters = meta_clusters.filter(~pl.col("id").is_in(list(hidden))).sort(["level", "id"])
-    cluster_ids = clusters["id"].to_list()
+    if "withheld" in meta_clusters.columns:  # a null there means not withheld, as it always has
+        meta_clusters = meta_clusters.with_columns(pl.col("withheld").fill_null(False))
+    every_cluster = frame_to_clusters(meta_clusters)
+    tree = shown_tree(every_cluster)
+    hidden = hidden_ids(every_cluster)
+    shown = sorted((c for c in every_cluster if c.id not in hidden), key=lambda c: (c.level, c.id))
+    cluster_ids = [c.id for c in shown]
     index_of = {cid: i for i, cid in enumerate(cluster_ids)}
-    parents = [-1 if p is None else index_of.get(p, -1) for p in clusters["parent_id"].to_list()]
+    parents = [-1 if c.parent_id is None else index_of.get(c.parent_id, -1) for c in shown]
 
     placed = projections.filter(
         (pl.col("kind") == "conversation") & (pl.col("cluster_ids").list.len() > 0)
     ).with_columns(pl.col("cluster_ids").list.first().alias("base"))
     points = placed.filter(pl.col("base").is_in(cluster_ids))
-    withheld_conversations = placed.filter(pl.col("base").is_in(list(hidden))).height
+    withheld_placed = placed.filter(pl.col("base").is_in(list(hidden))).height
     chat_ids = points["id"].to_list()
     order = pl.DataFrame({"chat_id": chat_ids}, schema={"chat_id": pl.String}).with_row_index("row")
 
@@ -199,16 +232,27 @@ def build_explorer_data(
 
     notes = []
     if missing:
+        note = f"Not filled for this dataset: {', '.join(missing)}."
+        if backend == OFFLINE_BACKEND:
+            # Only a run known to be offline is blamed: an LLM run can leave a facet empty too.
+            note += (
+                " The offline backend leaves facets that need judgement empty rather than guess;"
+                " configure an LLM to fill them."
+            )
+        notes.append(note)
+    fallbacks = [c.fallback for c in shown]
+    if any(fallbacks):
+        marked = sum(1 for f in fallbacks if f)
         notes.append(
-            f"Not filled for this dataset: {', '.join(missing)}. The offline backend leaves facets "
-            "that need judgement empty rather than guess; configure an LLM to fill them."
+            f"{marked} of the {len(shown)} clusters shown were named or grouped without the LLM "
+            "(its answer could not be used); they are marked in the tree."
         )
     if hidden:
         notes.append(
-            f"{len(hidden)} clusters with {withheld_conversations} conversations are withheld "
+            f"{len(hidden)} clusters with {tree.withheld_conversations} conversations are withheld "
             "(below the privacy threshold) and left out of this page."
         )
-    unplaced = raw_conversations.height - len(chat_ids) - withheld_conversations
+    unplaced = raw_conversations.height - len(chat_ids) - withheld_placed
     if unplaced > 0:
         notes.append(
             f"{unplaced} of {raw_conversations.height} conversations are not on the map "
@@ -222,10 +266,14 @@ def build_explorer_data(
     return ExplorerData(
         dataset=dataset,
         cluster_ids=cluster_ids,
-        cluster_names=clusters["name"].to_list(),
-        cluster_descriptions=clusters["description"].to_list(),
+        cluster_names=[c.name for c in shown],
+        cluster_descriptions=[c.description for c in shown],
         cluster_parents=parents,
-        cluster_levels=clusters["level"].to_list(),
+        cluster_levels=[c.level for c in shown],
+        cluster_counts=[c.count for c in shown],
+        cluster_shares=[share_label(tree, c.count) for c in shown],
+        cluster_withheld=[tree.withheld_under.get(c.id, 0) for c in shown],
+        cluster_fallbacks=[c.fallback or None for c in shown],
         x=x,
         y=y,
         base_cluster=np.array([index_of[b] for b in points["base"].to_list()], dtype=np.int64),
@@ -235,27 +283,12 @@ def build_explorer_data(
         chat_ids=chat_ids if show_conversations else None,
         texts=texts,
         total_conversations=raw_conversations.height,
+        hierarchy_total=tree.total,
+        withheld_top=tree.withheld_under.get(None, 0),
         withheld_clusters=len(hidden),
-        withheld_conversations=withheld_conversations,
+        withheld_conversations=tree.withheld_conversations,
         notes=notes,
     )
-
-
-def withheld_with_descendants(meta_clusters: pl.DataFrame) -> set[str]:
-    """Withheld clusters and every cluster below one (tables from before the privacy layer
-    have no `withheld` column: nothing is withheld there)."""
-    if "withheld" not in meta_clusters.columns:
-        return set()
-    parent_of = dict(zip(meta_clusters["id"].to_list(), meta_clusters["parent_id"].to_list(), strict=True))
-    withheld = set(meta_clusters.filter(pl.col("withheld").fill_null(False))["id"].to_list())
-    hidden = set()
-    for cluster in parent_of:
-        node: str | None = cluster
-        while node is not None and node not in withheld:
-            node = parent_of.get(node)
-        if node is not None:
-            hidden.add(cluster)
-    return hidden
 
 
 def _scaled(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -296,8 +329,12 @@ def _summary_facets(summaries: pl.DataFrame) -> tuple[list[Facet], list[str]]:
 
 
 def _property_facets(order: pl.DataFrame, properties: pl.DataFrame) -> list[Facet]:
-    """One facet per extracted property: metadata keys (`metadata.model`) and extractor outputs."""
+    """One facet per extracted property: metadata keys (`metadata.model`) and extractor outputs.
+    A loader's bookkeeping keys (how a record was put together) say nothing about usage: they
+    stay in the tables and are not offered as breakdowns."""
     facets = []
+    bookkeeping = [f"metadata.{key}" for key in sorted(LOADER_BOOKKEEPING_KEYS)]
+    properties = properties.filter(~pl.col("name").is_in(bookkeeping))
     joined = properties.join(order, on="chat_id", how="inner").unique(
         ["row", "name"], keep="first", maintain_order=True
     )
@@ -493,19 +530,21 @@ def png_markdown(png: bytes, alt: str) -> str:
 
 
 def top_clusters_markdown(data: ExplorerData, limit: int = 15) -> str:
-    """The top-level clusters (biggest first, with their map colour) as a markdown table."""
-    sizes, colours = data.cluster_sizes(), data.top_colours()
-    total = max(data.conversations, 1)
-    lines = ["| | cluster | conversations | share | children |", "|---|---|---|---|---|"]
+    """The top-level clusters (biggest first, with their map colour) as a markdown table, with
+    the counts and shares of the terminal tree and the page (withheld ones as one line)."""
+    colours = data.top_colours()
+    lines = ["| | cluster | conversations | share of all | children |", "|---|---|---|---|---|"]
     children = Counter(p for p in data.cluster_parents if p >= 0)
     for c, colour in list(colours.items())[:limit]:
         lines.append(
             f"| {png_markdown(swatch_png(colour), colour)} | {escape_markdown(data.cluster_names[c])} "
-            f"| {sizes[c]} | {100 * sizes[c] / total:.1f}% | {children[c]} |"
+            f"| {data.cluster_counts[c]} | {data.cluster_shares[c]} | {children[c]} |"
         )
     if len(colours) > limit:
-        lines.append(f"| | … and {len(colours) - limit} more | | | |")
+        rest = sum(data.cluster_counts[c] for c in list(colours)[limit:])
+        lines.append(f"| | … and {len(colours) - limit} more | {rest} | | |")
+    if data.withheld_top:
+        lines.append(f"| | {WITHHELD_LINE.format(count=data.withheld_top)} | {data.withheld_top} | | |")
+    if data.hierarchy_total:  # what the shares are shares of, so the column visibly adds up
+        lines.append(f"| | **all conversations** | {data.hierarchy_total} | 100.0% | |")
     return "\n".join(lines)
-
-
-

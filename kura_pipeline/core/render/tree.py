@@ -1,79 +1,101 @@
-"""The cluster tree as text: for the terminal (like Kura's visualise_clusters) and as markdown."""
+"""The cluster tree as text: for the terminal (like Kura's visualise_clusters) and as markdown.
+
+Counts and shares come from `shown.shown_tree`, as in the explorer: a parent's count is the sum
+of its shown children and one line for what is withheld under it."""
 
 from __future__ import annotations
 
 from kura_pipeline.core.models import Cluster
 from kura_pipeline.core.render.markdown import escape_markdown
+from kura_pipeline.core.render.shown import WITHHELD_LINE, ShownTree, shown_tree
 
 
 def withheld_note(clusters: list[Cluster]) -> str | None:
     """What a reader is told about what they are not shown (counts only)."""
-    hidden = [c for c in clusters if c.withheld]
-    if not hidden:
+    tree = shown_tree(clusters)
+    if not tree.withheld_clusters:
         return None
-    conversations = sum(c.count for c in hidden if c.level == 0)
     return (
-        f"{len(hidden)} clusters ({conversations} conversations in base clusters) withheld: "
-        "below the privacy threshold"
+        f"{tree.withheld_clusters} clusters withheld: below the privacy threshold or failed the "
+        f"privacy audit; {tree.withheld_conversations} of {tree.total} conversations are in them"
     )
 
 
-def _children_of(clusters: list[Cluster]) -> tuple[list[Cluster], dict[str, list[Cluster]]]:
-    """Roots and children among the clusters a person may see (withheld ones, and what hangs
-    below them, are left out)."""
-    clusters = [c for c in clusters if not c.withheld]
-    children: dict[str, list[Cluster]] = {}
-    for cluster in clusters:
-        if cluster.parent_id is not None:
-            children.setdefault(cluster.parent_id, []).append(cluster)
-    for siblings in children.values():
-        siblings.sort(key=lambda c: (-c.count, c.name))
-    roots = sorted((c for c in clusters if c.parent_id is None), key=lambda c: (-c.count, c.name))
-    return roots, children
+def fallback_note(clusters: list[Cluster]) -> str | None:
+    """One line when an LLM run named or grouped clusters without the model."""
+    fallen = [c for c in clusters if c.fallback]
+    if not fallen:
+        return None
+    shown = [c for c in fallen if not c.withheld]
+    first = fallen[0].fallback
+    return (
+        f"warning: {len(fallen)} clusters ({len(shown)} shown) were named or grouped without the LLM "
+        f"(marked in meta_clusters.fallback; first: {first})"
+    )
+
+
+def _conversations(count: int) -> str:
+    return f"{count} conversation{'' if count == 1 else 's'}"
 
 
 def render_tree(clusters: list[Cluster], descriptions: bool = False, max_depth: int | None = None) -> str:
     """Box-drawn tree, biggest first, with counts and each cluster's share of all conversations."""
-    roots, children = _children_of(clusters)
-    total = sum(c.count for c in clusters if c.parent_id is None) or 1  # shares of everything
-    lines = [f"Clusters ({total} conversations)"]
+    tree = shown_tree(clusters)
+    lines = [f"Clusters ({_conversations(tree.total)})"]
 
-    def walk(cluster: Cluster, prefix: str, last: bool, depth: int) -> None:
+    def entries(parent: str | None, kids: list[Cluster]) -> list[Cluster | int]:
+        withheld = tree.withheld_under.get(parent, 0)
+        return [*kids, withheld] if withheld else list(kids)
+
+    def walk(entry: Cluster | int, prefix: str, last: bool, depth: int) -> None:
         branch = "╚══ " if last else "╠══ "
-        share = 100 * cluster.count / total
-        lines.append(f"{prefix}{branch}{cluster.name} ({cluster.count} conversations, {share:.1f}%)")
+        if isinstance(entry, int):
+            lines.append(f"{prefix}{branch}({WITHHELD_LINE.format(count=entry)}, {tree.share(entry):.1f}%)")
+            return
+        mark = " [named without the LLM]" if entry.fallback else ""
+        size = f"{_conversations(entry.count)}, {tree.share(entry.count):.1f}%"
+        lines.append(f"{prefix}{branch}{entry.name} ({size}){mark}")
         inner = prefix + ("    " if last else "║   ")
         if descriptions:
-            lines.append(f"{inner}  {cluster.description}")
+            lines.append(f"{inner}  {entry.description}")
         if max_depth is not None and depth + 1 >= max_depth:
             return
-        kids = children.get(cluster.id, [])
-        for i, child in enumerate(kids):
-            walk(child, inner, i == len(kids) - 1, depth + 1)
+        below = entries(entry.id, tree.children.get(entry.id, []))
+        for i, child in enumerate(below):
+            walk(child, inner, i == len(below) - 1, depth + 1)
 
-    for i, root in enumerate(roots):
-        walk(root, "", i == len(roots) - 1, 0)
+    top = entries(None, tree.roots)
+    for i, root in enumerate(top):
+        walk(root, "", i == len(top) - 1, 0)
     if note := withheld_note(clusters):
         lines.append(f"({note})")
     return "\n".join(lines)
 
 
 def render_markdown_tree(clusters: list[Cluster], max_depth: int = 3) -> str:
-    """Nested markdown bullets for the Dagster UI's metadata panel."""
-    roots, children = _children_of(clusters)
-    total = sum(c.count for c in clusters if c.parent_id is None) or 1
+    """Nested markdown bullets for the Dagster UI's metadata panel, with the same numbers."""
+    tree: ShownTree = shown_tree(clusters)
     lines: list[str] = []
 
-    def walk(cluster: Cluster, depth: int) -> None:
-        share = 100 * cluster.count / total
-        name = escape_markdown(cluster.name)
-        lines.append(f"{'  ' * depth}- **{name}** — {cluster.count} ({share:.1f}%)")
-        if depth + 1 < max_depth:
-            for child in children.get(cluster.id, []):
-                walk(child, depth + 1)
+    def withheld_line(parent: str | None, depth: int) -> None:
+        if count := tree.withheld_under.get(parent, 0):
+            lines.append(
+                f"{'  ' * depth}- _{WITHHELD_LINE.format(count=count)}_ — {count} ({tree.share(count):.1f}%)"
+            )
 
-    for root in roots:
+    def walk(cluster: Cluster, depth: int) -> None:
+        name = escape_markdown(cluster.name)
+        mark = " _(named without the LLM)_" if cluster.fallback else ""
+        lines.append(f"{'  ' * depth}- **{name}** — {cluster.count} ({tree.share(cluster.count):.1f}%){mark}")
+        if depth + 1 < max_depth:
+            for child in tree.children.get(cluster.id, []):
+                walk(child, depth + 1)
+            withheld_line(cluster.id, depth + 1)
+
+    lines.append(f"{tree.total} conversations")
+    for root in tree.roots:
         walk(root, 0)
+    withheld_line(None, 0)
     if note := withheld_note(clusters):
         lines.append(f"\n_{note}_")
     return "\n".join(lines)

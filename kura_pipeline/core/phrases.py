@@ -1,0 +1,237 @@
+"""Key phrases shared by many conversations: what every offline text a person reads is made of.
+
+Clio's rule is that nothing shown may come from fewer conversations (or users) than the privacy
+threshold. Class-based TF-IDF prefers exactly the rare words that break it ("torque" from one
+conversation), so offline names, descriptions and summaries are built here from phrases of one
+to three words that at least `min_conversations` conversations (and `min_users` users, where
+known) of the group use, chosen for coverage and distinctiveness and kept apart from each other
+by maximal marginal relevance (as BERTopic's representation models do).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import sparse
+from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS, CountVectorizer
+
+# Words that say nothing about what a group of requests is about: the scrub's placeholders,
+# and words every request uses ("write", "help", "please").
+_PLACEHOLDER_WORDS = {"url", "email", "phone", "number", "ip", "token", "name"}
+_REQUEST_WORDS = {
+    "write", "want", "need", "like", "help", "make", "create", "provide", "give", "use", "using",
+    "used", "does", "did", "know", "please", "explain", "tell", "list", "new", "good", "just",
+    "get", "let", "ll", "ve", "don", "im", "thanks", "thank", "hi", "hello", "yes", "okay", "ok",
+    "following", "answer", "question", "questions", "example", "way", "act", "based", "sure",
+    "user", "asked", "turns", "hey", "pls", "lets", "really", "also", "thing", "things", "said",
+    "say", "says", "going", "got", "can", "could", "would", "should", "will", "one", "two", "doesn",
+    "isn", "didn", "won", "wouldn", "shouldn", "couldn", "aren", "wasn", "re", "add", "start",
+    "called", "long", "work", "look", "find", "change", "try", "think", "means", "mean",
+    "different", "best", "great", "able", "kind", "lot", "bad", "right", "text", "words", "word",
+    "below", "above", "continue", "dear", "sir", "i'd", "i'm", "i've", "it's", "don't", "dont",
+    "that's", "let's", "additionally", "little",
+}  # fmt: skip
+_OTHER_LANGUAGE_WORDS = {
+    "el", "la", "de", "que", "y", "en", "los", "por", "para", "una", "es", "con", "le", "les",
+    "des", "est", "et", "une", "pour", "pas", "vous", "dans", "der", "die", "und", "ist", "nicht",
+    "ich", "das", "mit", "sie", "ein", "zu", "wie", "não", "em", "um", "com", "você",
+}  # fmt: skip
+STOP_WORDS = frozenset(ENGLISH_STOP_WORDS | _PLACEHOLDER_WORDS | _REQUEST_WORDS | _OTHER_LANGUAGE_WORDS)
+
+_SEGMENT = re.compile(r"[.,;:!?()\[\]{}<>\"\n\r\t|/\\=*`]+")
+_TOKEN = re.compile(r"(?<![a-z0-9_])[a-z][a-z0-9+#]*(?:'[a-z]+)?")
+MAX_PHRASE_WORDS = 3
+MAX_WORD_CHARS = 30  # longer "words" are identifiers, hashes or noise, never a topic
+
+
+def words(text: str) -> list[str]:
+    """Lower-case words, as every offline text is built from (and as the privacy tests count them)."""
+    return _TOKEN.findall(text.lower())
+
+
+def candidate_phrases(text: str) -> list[str]:
+    """Phrases of 1-3 consecutive words within a clause, none of them a stop word."""
+    phrases: set[str] = set()
+    for segment in _SEGMENT.split(text.lower()):
+        tokens = [t for t in _TOKEN.findall(segment) if len(t) <= MAX_WORD_CHARS]
+        for i, first in enumerate(tokens):
+            if first in STOP_WORDS or len(first) < 2:
+                continue
+            for n in range(1, MAX_PHRASE_WORDS + 1):
+                if i + n > len(tokens):
+                    break
+                last = tokens[i + n - 1]
+                if last in STOP_WORDS or len(last) < 2 or (n == 1 and len(first) < 3):
+                    continue
+                if any(t in STOP_WORDS for t in tokens[i + 1 : i + n - 1]):  # no "fix my pandas"
+                    break
+                phrases.add(" ".join(tokens[i : i + n]))
+    return sorted(phrases)
+
+
+@dataclass
+class PhraseTable:
+    """Which phrases each document uses (documents x phrases, 0/1), for phrases that at least
+    `min_df` documents of the whole set use: a phrase rarer than that can never be shown."""
+
+    phrases: list[str]
+    uses: sparse.csr_matrix
+    users: np.ndarray | None = None  # a user code per document (-1: unknown); None: no user ids
+    _df: np.ndarray | None = None
+
+    @property
+    def documents(self) -> int:
+        return self.uses.shape[0]
+
+
+def phrase_table(
+    documents: Sequence[str], min_df: int, users: Sequence[str | None] | None = None
+) -> PhraseTable:
+    """The table for a set of documents (one per conversation)."""
+    codes = None
+    if users is not None and any(u is not None for u in users):
+        index: dict[str, int] = {}
+        codes = np.array(
+            [-1 if u is None else index.setdefault(u, len(index)) for u in users], dtype=np.int64
+        )
+    if len(documents) < max(min_df, 1):
+        return PhraseTable([], sparse.csr_matrix((len(documents), 0), dtype=np.int8), codes)
+    vectorizer = CountVectorizer(
+        analyzer=candidate_phrases, binary=True, min_df=max(min_df, 1), dtype=np.int8
+    )
+    try:
+        uses = vectorizer.fit_transform(documents).tocsr()
+    except ValueError:  # no phrase anywhere (empty texts, or none kept by min_df)
+        return PhraseTable([], sparse.csr_matrix((len(documents), 0), dtype=np.int8), codes)
+    return PhraseTable([str(p) for p in vectorizer.get_feature_names_out()], uses, codes)
+
+
+@dataclass(frozen=True)
+class SharedPhrase:
+    phrase: str
+    conversations: int  # how many of the group's conversations use it
+    share: float  # of the group's conversations
+
+
+def _token_overlap(a: str, b: str) -> float:
+    x, y = set(a.split()), set(b.split())
+    return len(x & y) / len(x | y)
+
+
+def group_phrases(
+    table: PhraseTable,
+    groups: Sequence[Sequence[int]],
+    min_conversations: int,
+    min_users: int = 1,
+    top_n: int = 4,
+    diversity: float = 0.5,
+) -> list[list[SharedPhrase]]:
+    """For each group of documents (row indices), its best phrases: used by at least
+    `min_conversations` of its documents (and `min_users` distinct users where users are known),
+    scored by coverage x distinctiveness (lift against all groups), then picked by maximal
+    marginal relevance so that two picks do not say the same thing (shared words, or the same
+    conversations)."""
+    if not groups:
+        return []
+    if not table.phrases:
+        return [[] for _ in groups]
+    n_docs = table.documents
+    rows = (
+        np.concatenate([np.asarray(g, dtype=np.int64) for g in groups]) if groups else np.zeros(0, np.int64)
+    )
+    owner = np.concatenate([np.full(len(g), i, dtype=np.int64) for i, g in enumerate(groups)])
+    membership = sparse.csr_matrix(
+        (np.ones(len(rows), dtype=np.int32), (owner, rows)), shape=(len(groups), n_docs)
+    )
+    in_group = (membership @ table.uses.astype(np.int32)).tocsr()  # groups x phrases: conversations
+    covered = np.zeros(n_docs, dtype=np.int32)
+    covered[rows] = 1
+    covered_docs = max(int(covered.sum()), 1)
+    overall = np.asarray(table.uses.T.astype(np.int32) @ covered).ravel()  # in any of the groups
+    lengths = np.array([len(p.split()) for p in table.phrases])
+    result: list[list[SharedPhrase]] = []
+    for g, members in enumerate(groups):
+        size = len(members)
+        row = slice(in_group.indptr[g], in_group.indptr[g + 1])
+        columns, counts = in_group.indices[row], in_group.data[row]
+        keep = counts >= min_conversations
+        columns, counts = columns[keep], counts[keep]
+        if size == 0 or len(columns) == 0:
+            result.append([])
+            continue
+        if table.users is not None and min_users > 1:
+            member_rows = np.asarray(members, dtype=np.int64)
+            sub = table.uses[member_rows][:, columns].tocsc()
+            member_users = table.users[member_rows]
+            enough = np.array(
+                [len({int(u) for u in member_users[sub.indices[sub.indptr[j] : sub.indptr[j + 1]]] if u >= 0})
+                 >= min_users for j in range(len(columns))],
+                dtype=bool,
+            )  # fmt: skip
+            columns, counts = columns[enough], counts[enough]
+            if len(columns) == 0:
+                result.append([])
+                continue
+        coverage = counts / size
+        lift = coverage / np.maximum(overall[columns] / covered_docs, 1e-9)
+        # Longer phrases read better than their parts when they cover nearly as much.
+        score = coverage * np.log1p(lift) * (1 + 0.25 * (lengths[columns] - 1))
+        order = np.lexsort((columns, -score))[:30]  # the best candidates, ties by phrase order
+        columns, counts, score = columns[order], counts[order], score[order]
+        docs = (table.uses[np.asarray(members, dtype=np.int64)][:, columns]).toarray().astype(bool)
+        picked: list[int] = []
+        relevance = score / score.max()
+        while len(picked) < min(top_n, len(columns)):
+            best, best_value = -1, -np.inf
+            for j in range(len(columns)):
+                phrase = table.phrases[columns[j]]
+                # Two picks never share a word: no "python code, python".
+                if j in picked or any(_token_overlap(phrase, table.phrases[columns[p]]) for p in picked):
+                    continue
+                redundancy = max(
+                    (
+                        (docs[:, j] & docs[:, p]).sum() / max((docs[:, j] | docs[:, p]).sum(), 1)
+                        for p in picked
+                    ),
+                    default=0.0,
+                )
+                value = (1 - diversity) * relevance[j] - diversity * redundancy
+                if value > best_value:
+                    best, best_value = j, value
+            if best < 0:
+                break
+            picked.append(best)
+        result.append(
+            [SharedPhrase(table.phrases[columns[j]], int(counts[j]), float(counts[j] / size)) for j in picked]
+        )
+    return result
+
+
+def document_phrases(table: PhraseTable, row: int, top_n: int = 3) -> list[str]:
+    """One document's most specific shared phrases (rarest first among the allowed ones),
+    never two that share a word."""
+    start, end = table.uses.indptr[row], table.uses.indptr[row + 1]
+    columns = table.uses.indices[start:end]
+    if len(columns) == 0:
+        return []
+    df = _document_frequency(table)[columns]
+    lengths = np.array([len(table.phrases[c].split()) for c in columns])
+    order = np.lexsort((columns, df, -lengths))  # longer first, then rarest (most specific)
+    picked: list[str] = []
+    for index in order:
+        phrase = table.phrases[columns[index]]
+        if any(set(phrase.split()) & set(other.split()) for other in picked):
+            continue
+        picked.append(phrase)
+        if len(picked) == top_n:
+            break
+    return picked
+
+
+def _document_frequency(table: PhraseTable) -> np.ndarray:
+    if table._df is None:
+        table._df = np.asarray(table.uses.sum(axis=0)).ravel()
+    return table._df
