@@ -201,3 +201,55 @@ def test_asset_bodies_hold_no_backend_branch():
     for module in assets.glob("*.py"):
         text = module.read_text(encoding="utf-8")
         assert "is_offline" not in text, module.name
+
+
+def test_offline_names_use_only_phrases_enough_conversations_and_users_share():
+    from kura_pipeline.core.naming import naming_inputs, offline_labels
+
+    texts = [f"debug the python loop {i}" for i in range(6)] + [f"python zebra ledger {i}" for i in range(4)]
+    users = ["u1", "u2", "u3", "u4", "u5", "u6", "u7", "u7", "u7", "u7"]  # zebra: 4 conversations, 1 user
+    inputs = naming_inputs(texts, ["coding"] * 10, users, min_conversations=4, min_users=2)
+    [label] = offline_labels(inputs, [list(range(10))])
+    shown = f"{label.name} {label.description}".lower()
+    assert "python" in shown  # 10 conversations, 7 users
+    assert "zebra" not in shown and "ledger" not in shown  # enough conversations, but one user
+    # Without user ids, 4 conversations are enough for "zebra ledger".
+    [label] = offline_labels(naming_inputs(texts, None, None, min_conversations=4), [list(range(10))])
+    assert "zebra" in label.description
+
+
+def test_withheld_clusters_lend_no_words_to_their_parents():
+    from kura_pipeline.core.backends import Corpus, HierarchyInputs, name_groups_offline
+    from kura_pipeline.core.privacy import AggregationThreshold
+
+    shown_texts = [f"plan a trip to the mountains {i}" for i in range(6)]
+    hidden_texts = [f"plan a trip zebra ledger {i}" for i in range(6)]  # withheld by the audit, say
+    chats = [f"s{i}" for i in range(6)] + [f"h{i}" for i in range(6)]
+    shown = Cluster(id="s", name="Mountains", description="d", slug="s", chat_ids=chats[:6])
+    hidden = Cluster(id="h", name="Hidden", description="d", slug="h", chat_ids=chats[6:])
+    corpus = Corpus.build(chats, shown_texts + hidden_texts, [None] * 12, None, AggregationThreshold(5, 1))
+    inputs = HierarchyInputs([shown, hidden], {}, corpus, withheld_base={"h"})
+    [label] = name_groups_offline(inputs)([[shown, hidden]])
+    assert "zebra" not in f"{label.name} {label.description}".lower()
+    assert label.description.startswith("12 conversations")  # the true count, withheld included
+    inputs.withheld_base = set()
+    [label] = name_groups_offline(inputs)([[shown, hidden]])
+    assert "zebra" in label.description.lower()  # the check above can fail
+
+
+def test_a_clio_parent_with_a_single_child_is_not_made():
+    from kura_pipeline.core.hierarchy import LevelPlan, _make_parents
+
+    children = [_cluster(f"c{i}", [f"x{i}a", f"x{i}b"]) for i in range(3)]
+    plan = LevelPlan(
+        assignment=[0, 0, 1],
+        labels=[
+            ClusterLabel("Two children", "d"),
+            ClusterLabel("Copy of c2", "d", "renamed without the LLM"),
+        ],
+        fallback_reasons={0: "1 of its children placed next to their nearest sibling"},
+    )
+    parents, promoted = _make_parents(children, plan, level=1, taken=set())
+    assert [p.name for p in parents] == ["Two children"] and [c.id for c in promoted] == ["c2"]
+    assert parents[0].fallback == "1 of its children placed next to their nearest sibling"
+    assert children[2].parent_id is None  # goes up a level as it is
