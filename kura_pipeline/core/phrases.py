@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 from scipy import sparse
@@ -52,16 +53,19 @@ def words(text: str) -> list[str]:
     return _TOKEN.findall(text.lower())
 
 
-def candidate_phrases(text: str) -> list[str]:
-    """Phrases of 1-3 consecutive words within a clause, none of them a stop word."""
+def candidate_phrases(text: str, allowed: frozenset[str] | None = None) -> list[str]:
+    """Phrases of 1-3 consecutive words within a clause, none of them a stop word (and, with
+    `allowed`, only of those words: a phrase is never more common than its rarest word)."""
     phrases: set[str] = set()
     for segment in _SEGMENT.split(text.lower()):
         tokens = [t for t in _TOKEN.findall(segment) if len(t) <= MAX_WORD_CHARS]
+        if allowed is not None:  # a dropped word ends the run: no phrase spans it
+            tokens = [t if t in allowed else "" for t in tokens]
         for i, first in enumerate(tokens):
             if first in STOP_WORDS or len(first) < 2:
                 continue
             for n in range(1, MAX_PHRASE_WORDS + 1):
-                if i + n > len(tokens):
+                if i + n > len(tokens) or not tokens[i + n - 1]:
                     break
                 last = tokens[i + n - 1]
                 if last in STOP_WORDS or len(last) < 2 or (n == 1 and len(first) < 3):
@@ -70,6 +74,10 @@ def candidate_phrases(text: str) -> list[str]:
                     break
                 phrases.add(" ".join(tokens[i : i + n]))
     return sorted(phrases)
+
+
+def _words_of(text: str) -> list[str]:
+    return [t for t in set(_TOKEN.findall(text.lower())) if len(t) <= MAX_WORD_CHARS and t not in STOP_WORDS]
 
 
 @dataclass
@@ -99,8 +107,18 @@ def phrase_table(
         )
     if len(documents) < max(min_df, 1):
         return PhraseTable([], sparse.csr_matrix((len(documents), 0), dtype=np.int8), codes)
+    # First the words at least min_df documents use, then only phrases made of them: counting
+    # every 1-3 word phrase of 100,000 conversations first would hold millions of rare ones.
+    common = CountVectorizer(analyzer=_words_of, binary=True, min_df=max(min_df, 1), dtype=np.int8)
+    try:
+        allowed = frozenset(common.fit(documents).get_feature_names_out().tolist())
+    except ValueError:
+        allowed = frozenset()
     vectorizer = CountVectorizer(
-        analyzer=candidate_phrases, binary=True, min_df=max(min_df, 1), dtype=np.int8
+        analyzer=partial(candidate_phrases, allowed=allowed),
+        binary=True,
+        min_df=max(min_df, 1),
+        dtype=np.int8,
     )
     try:
         uses = vectorizer.fit_transform(documents).tocsr()
