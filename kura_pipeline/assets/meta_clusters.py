@@ -16,6 +16,7 @@ from kura_pipeline.core.backends import HierarchyInputs, dataset_corpus
 from kura_pipeline.core.frames import clusters_to_frame, frame_to_clusters, frame_to_embeddings
 from kura_pipeline.core.hierarchy import hierarchy_problems
 from kura_pipeline.core.privacy import withheld_cluster_ids
+from kura_pipeline.core.render.shown import shown_tree
 from kura_pipeline.core.render.tree import fallback_note, render_markdown_tree
 from kura_pipeline.partitions import datasets_partitions
 from kura_pipeline.resources.llm import LLMResource
@@ -89,7 +90,8 @@ def meta_clusters(
             "fallback_clusters": len(fallbacks),
             "withheld_clusters": len(withheld | audited),
             "withheld_by_privacy_audit": len(audited),
-            "withheld_conversations": sum(c.count for c in clusters if c.withheld and c.level == 0),
+            # Conversations a reader is not shown, as the tree's withheld lines count them.
+            "withheld_conversations": shown_tree(clusters).withheld_conversations,
             "tree": MetadataValue.md(render_markdown_tree(clusters)),
             **backend.metadata(),
         },
