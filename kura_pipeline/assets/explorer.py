@@ -31,6 +31,7 @@ from kura_pipeline.core.render.explorer import (
     top_clusters_markdown,
 )
 from kura_pipeline.partitions import datasets_partitions
+from kura_pipeline.resources.privacy import PrivacyPolicy
 
 
 class HtmlUPathIOManager(UPathIOManager):
@@ -96,6 +97,7 @@ def explorer(
     meta_clusters: pl.DataFrame,
     projections: pl.DataFrame,
     raw_conversations: pl.DataFrame,
+    privacy: PrivacyPolicy,
 ) -> Output[str]:
     """A page to browse the dataset: the cluster tree, the 2-D map, breakdowns by every facet
     and property, filters, and cluster sizes over time. It opens from disk, with no network."""
@@ -108,6 +110,7 @@ def explorer(
         raw_conversations=raw_conversations,
         show_conversations=config.show_conversations,
         backend=summaries_backend(context),
+        user_id_field=privacy.user_id_field,
     )
     page = render_html(data)
     if config.show_conversations:

@@ -190,13 +190,15 @@ def build_explorer_data(
     raw_conversations: pl.DataFrame,
     show_conversations: bool = False,
     backend: str | None = None,
+    user_id_field: str = "user_id",
 ) -> ExplorerData:
     """Align the stages' tables on the conversations placed on the map.
 
     Withheld clusters (below the privacy threshold), what hangs below them and their
     conversations are left out of the data entirely, not just hidden: the page is a file anyone
     holding it can read. Only their number is said, as the terminal tree says it (shown_tree).
-    `backend` is the summaries' `backend` metadata, when known.
+    `backend` is the summaries' `backend` metadata, when known. The user id
+    (`metadata.<user_id_field>`) is never a breakdown: it would let a reader pick out one person.
     """
     if "withheld" in meta_clusters.columns:  # a null there means not withheld, as it always has
         meta_clusters = meta_clusters.with_columns(pl.col("withheld").fill_null(False))
@@ -225,7 +227,7 @@ def build_explorer_data(
         )
     ]
     facets, missing = _summary_facets(summaries)
-    facets += _property_facets(order, extracted_properties)
+    facets += _property_facets(order, extracted_properties, private={user_id_field})
     batch = _batch_facet(raw, facets)
     if batch is not None:
         facets.insert(0, batch)
@@ -328,12 +330,14 @@ def _summary_facets(summaries: pl.DataFrame) -> tuple[list[Facet], list[str]]:
     return facets, missing
 
 
-def _property_facets(order: pl.DataFrame, properties: pl.DataFrame) -> list[Facet]:
+def _property_facets(
+    order: pl.DataFrame, properties: pl.DataFrame, private: set[str] | None = None
+) -> list[Facet]:
     """One facet per extracted property: metadata keys (`metadata.model`) and extractor outputs.
     A loader's bookkeeping keys (how a record was put together) say nothing about usage: they
     stay in the tables and are not offered as breakdowns."""
     facets = []
-    bookkeeping = [f"metadata.{key}" for key in sorted(LOADER_BOOKKEEPING_KEYS)]
+    bookkeeping = [f"metadata.{key}" for key in sorted(LOADER_BOOKKEEPING_KEYS | (private or set()))]
     properties = properties.filter(~pl.col("name").is_in(bookkeeping))
     joined = properties.join(order, on="chat_id", how="inner").unique(
         ["row", "name"], keep="first", maintain_order=True
