@@ -94,11 +94,12 @@ def test_claude_export_keeps_text_blocks_in_order_and_leaves_out_titles() -> Non
         ("assistant", 'Yes: both `user_id` and `id` stay. Drop one with `.drop(columns="id")`.'),
     ]
     assert merge.messages[2].created_at == utc(2024, 6, 3, 9, 20)  # was 11:20+02:00
-    assert merge.metadata == {"source": "claude"}
+    account = "0e4d7c1a-2b3f-4a5e-8d9c-6f7a8b9c0d1e"  # the export's account: who the user is
+    assert merge.metadata == {"source": "claude", "user_id": account}
 
     # The attachment-only first message is dropped and counted.
     assert [role for role, _ in turns(letter)] == ["user", "assistant"]
-    assert letter.metadata == {"source": "claude", "dropped_messages": 1}
+    assert letter.metadata == {"source": "claude", "user_id": account, "dropped_messages": 1}
     # Titles and attachments carry personal data and must not leak into the models.
     assert "Jane" not in letter.model_dump_json() and "jane.smith" not in merge.model_dump_json()
 
@@ -851,3 +852,24 @@ def test_deduplicator_tells_identical_from_conflicting_copies_by_digest() -> Non
     assert deduplicator.skip(changed) == SkippedRecord(
         "chats.jsonl", "#3 (id=p-1)", "duplicate chat_id with different content"
     )
+
+
+def test_claude_export_maps_the_account_to_user_id(tmp_path) -> None:
+    records = [
+        {
+            "uuid": f"conv-{i}",
+            "created_at": "2026-01-01T10:00:00Z",
+            "account": {"uuid": f"account-{i % 2}"},
+            "chat_messages": [
+                {"sender": "human", "text": "Plan a trip"},
+                {"sender": "assistant", "text": "Sure."},
+            ],
+        }
+        for i in range(3)
+    ]
+    records.append({**records[0], "uuid": "no-account", "account": None})
+    path = tmp_path / "conversations.json"
+    path.write_text(json.dumps(records), encoding="utf-8")
+    result = load_claude_export(path)
+    users = {c.chat_id: c.metadata.get("user_id") for c in result.conversations}
+    assert users == {"conv-0": "account-0", "conv-1": "account-1", "conv-2": "account-0", "no-account": None}

@@ -25,7 +25,8 @@ from kura_pipeline.core.models import Conversation
 
 
 def load_claude_export(path: PathLike) -> LoadResult:
-    """Conversations from a Claude.ai export; chat_id is the conversation uuid.
+    """Conversations from a Claude.ai export; chat_id is the conversation uuid, and the
+    account's uuid is metadata['user_id'] (what the privacy threshold counts users by).
 
     Titles and attachments are left out on purpose: they often contain personal data.
     """
@@ -48,7 +49,13 @@ def _conversation(record: Any) -> Conversation:
         sender = require(message, "sender", str, where)
         message_time = optional_timestamp(message.get("created_at"), f"{where} created_at")
         collector.add(sender, _message_text(message, where), message_time, where)
-    return collector.build(chat_id, created_at, {"source": "claude"})
+    metadata: dict[str, Any] = {"source": "claude"}
+    # The account counts distinct users for the privacy threshold (min_cluster_users); it is
+    # never shown (the explorer does not offer the user id as a breakdown).
+    account = record.get("account")
+    if isinstance(account, dict) and isinstance(account.get("uuid"), str) and account["uuid"]:
+        metadata["user_id"] = account["uuid"]
+    return collector.build(chat_id, created_at, metadata)
 
 
 def _message_text(message: dict[str, Any], where: str) -> str:
