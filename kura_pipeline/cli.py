@@ -6,6 +6,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 import polars as pl
@@ -66,7 +67,11 @@ def register() -> None:
 @click.option("--descriptions/--no-descriptions", default=False, help="Print cluster descriptions.")
 def run(datasets: tuple[str, ...], every: bool, descriptions: bool) -> None:
     """Materialise every stage for DATASETS (default: demo) in this process, then print each tree."""
-    from kura_pipeline.definitions import defs, kura_job
+    try:
+        from kura_pipeline.definitions import defs, kura_job
+    except ValueError as error:  # a bad setting (SettingError): its one line, not a traceback
+        click.echo(f"kura-pipeline: {error}", err=True)
+        sys.exit(2)
 
     instance = cli_instance()
     register_datasets(instance)
@@ -84,13 +89,22 @@ def run(datasets: tuple[str, ...], every: bool, descriptions: bool) -> None:
         if not result.success:
             for event in result.all_events:
                 if event.is_step_failure and event.step_failure_data:
-                    click.echo(f"{event.step_key} failed: {event.step_failure_data.error.message}", err=True)
+                    click.echo(f"{event.step_key} failed: {_reason(event.step_failure_data.error)}", err=True)
             sys.exit(1)
         _print_tree(dataset, descriptions, depth=None)
         click.echo(
             f"\nEvery stage of {dataset!r} done in {elapsed:.0f} s; Parquet under "
             f"{data_stage_path('raw_conversations', dataset).parent.parent}\n"
         )
+
+
+def _reason(error: Any) -> str:
+    """What went wrong in a step, in its own words: Dagster wraps the stage's exception in
+    "Error occurred while executing op ...", so the innermost cause, without its class path."""
+    while error.cause is not None:
+        error = error.cause
+    kind, _, message = error.message.strip().partition(": ")
+    return message if message and kind.endswith(error.cls_name or "\0") else error.message.strip()
 
 
 @main.command()

@@ -5,8 +5,11 @@ KURA_DATA_DIR (where Parquet goes; a local folder or an fsspec URL), KURA_DATASE
 registry file), KURA_LLM_BASE_URL / KURA_LLM_MODEL / OPENAI_API_KEY (switch the LLM on),
 KURA_LLM_LOCAL_MODEL (a local GGUF through llama.cpp instead), KURA_LLM_REQUESTS_PER_MINUTE /
 KURA_LLM_TOKENS_PER_MINUTE / KURA_LLM_INPUT_PRICE / KURA_LLM_OUTPUT_PRICE (limits and prices per
-million tokens), KURA_LLM_CLIENTS (a YAML file of named clients), KURA_EMBEDDINGS_MODEL (with an
-endpoint, embed there too; `minilm-static` picks the fast offline static embedder).
+million tokens), KURA_LLM_MAX_CONCURRENCY, KURA_LLM_CONNECT_TIMEOUT / KURA_LLM_READ_TIMEOUT /
+KURA_LLM_STAGE_DEADLINE (seconds), KURA_LLM_MAX_FAILURE_SHARE (a stage fails above it),
+KURA_LLM_CLIENTS (a YAML file of named clients), KURA_EMBEDDINGS_MODEL (with an endpoint, embed
+there too; `minilm-static` picks the fast offline static embedder). Each number is checked here:
+a bad one stops with one line naming the variable and its range (`SettingError`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dagster import AssetSelection, Definitions, EnvVar, define_asset_job
 
 from kura_pipeline.assets import ALL_ASSETS
 from kura_pipeline.assets.explorer import HtmlIOManager
+from kura_pipeline.core.llm import allowed_range, check_setting
 from kura_pipeline.partitions import datasets_partitions
 from kura_pipeline.resources.embedder import LOCAL_MODELS as LOCAL_EMBEDDING_MODELS
 from kura_pipeline.resources.embedder import MINILM, EmbedderResource
@@ -46,14 +50,52 @@ def _secret(name: str) -> str | EnvVar | None:
     return EnvVar(name) if os.getenv(name) else None
 
 
-def _number(name: str, kind: type[int] | type[float]) -> int | float | None:
-    value = os.getenv(name)
+class SettingError(ValueError):
+    """A setting from the environment that cannot be used; the message is one line."""
+
+
+def _number(name: str, kind: type[int] | type[float], setting: str) -> int | float | None:
+    """The variable `name` as a number for the LLM setting `setting`, checked against its range."""
+    value = os.getenv(name, "").strip()
     if not value:
         return None
+    kind_name = "an integer" if kind is int else "a number"
     try:
-        return kind(value)
+        number = kind(value)
     except ValueError:
-        raise ValueError(f"{name}={value!r} is not a {kind.__name__}") from None
+        raise SettingError(
+            f"{name}={value!r} is not {kind_name}: it must be {kind_name} {allowed_range(setting)}"
+        ) from None
+    if check_setting(setting, number):
+        raise SettingError(f"{name}={value} is out of range: it must be {kind_name} {allowed_range(setting)}")
+    return number
+
+
+def _llm_numbers() -> dict[str, int | float]:
+    """The LLM resource's numeric settings that the environment sets (unset ones keep defaults)."""
+    variables: dict[str, tuple[str, type[int] | type[float]]] = {
+        "KURA_LLM_MAX_CONCURRENCY": ("max_concurrency", int),
+        "KURA_LLM_REQUESTS_PER_MINUTE": ("requests_per_minute", int),
+        "KURA_LLM_TOKENS_PER_MINUTE": ("tokens_per_minute", int),
+        "KURA_LLM_INPUT_PRICE": ("input_price_per_million", float),
+        "KURA_LLM_OUTPUT_PRICE": ("output_price_per_million", float),
+        "KURA_LLM_CONNECT_TIMEOUT": ("connect_timeout_seconds", float),
+        "KURA_LLM_READ_TIMEOUT": ("read_timeout_seconds", float),
+        "KURA_LLM_STAGE_DEADLINE": ("stage_deadline_seconds", float),
+        "KURA_LLM_MAX_FAILURE_SHARE": ("max_failure_share", float),
+    }
+    numbers = {setting: _number(name, kind, setting) for name, (setting, kind) in variables.items()}
+    return {setting: number for setting, number in numbers.items() if number is not None}
+
+
+def _clients() -> dict[str, object]:
+    path = os.getenv("KURA_LLM_CLIENTS")
+    if not path:
+        return {}
+    try:
+        return clients_from_file(path)
+    except ValueError as error:  # a pydantic error has many lines: its first problem is enough
+        raise SettingError(f"KURA_LLM_CLIENTS={path}: {str(error).splitlines()[0]}") from None
 
 
 def build_resources() -> dict[str, object]:
@@ -74,12 +116,8 @@ def build_resources() -> dict[str, object]:
             base_url=llm_base_url,
             model=llm_model or "gpt-4o-mini",
             api_key=_secret("OPENAI_API_KEY"),
-            max_concurrency=int(os.getenv("KURA_LLM_MAX_CONCURRENCY", "8")),
-            requests_per_minute=_number("KURA_LLM_REQUESTS_PER_MINUTE", int),
-            tokens_per_minute=_number("KURA_LLM_TOKENS_PER_MINUTE", int),
-            input_price_per_million=_number("KURA_LLM_INPUT_PRICE", float),
-            output_price_per_million=_number("KURA_LLM_OUTPUT_PRICE", float),
-            **(clients_from_file(os.environ["KURA_LLM_CLIENTS"]) if os.getenv("KURA_LLM_CLIENTS") else {}),
+            **_llm_numbers(),
+            **_clients(),
             cache_path=os.getenv("KURA_LLM_CACHE", ".kura_cache/llm_responses.sqlite3"),
             local_model=local_model or "smollm2-135m",
         ),

@@ -70,7 +70,7 @@ def fast_settings(server: LoopbackServer, **overrides: Any) -> LLMSettings:
         "model": "loopback",
         "base_url": server.base_url,
         "max_concurrency": 8,
-        "timeout_seconds": 5.0,
+        "read_timeout_seconds": 5.0,
         "max_attempts": 3,
         "backoff_seconds": 0.02,
         "max_backoff_seconds": 0.1,
@@ -114,7 +114,7 @@ def test_under_mixed_faults_every_conversation_is_summarised_or_failed_with_a_re
     )
     conversations = make_conversations(30)
     # A timeout well above an ordinary reply's time even on two busy cores, well below a hang.
-    client = LLMClient(fast_settings(server, max_concurrency=6, timeout_seconds=4.0))
+    client = LLMClient(fast_settings(server, max_concurrency=6, read_timeout_seconds=4.0))
     run = summarise(conversations, client)
 
     summarised = {s.chat_id for s in run.summaries}
@@ -386,7 +386,7 @@ def test_the_api_key_appears_in_no_repr_reason_log_metadata_or_cache(server, tmp
     key = "sk-kura-test-7f3a9c1e5b2d4086"
     settings = fast_settings(server, api_key=key, extra_body={"user": "team"})
     messages: list[str] = []
-    server.faults.push("401", "400", "429", "truncated", "500")
+    server.faults.push("404", "400", "429", "truncated", "500")  # a 401 is test_llm_trust.py's
     caplog.set_level("DEBUG")
     with ResponseCache(tmp_path / "cache.sqlite3") as cache:
         client = LLMClient(settings, cache=cache, log=messages.append)
@@ -413,5 +413,3 @@ def test_the_api_key_appears_in_no_repr_reason_log_metadata_or_cache(server, tmp
     assert "api_key" not in repr(settings)
     stored = b"".join(path.read_bytes() for path in tmp_path.iterdir())  # the database and its WAL
     assert key.encode() not in stored and b"summary" in stored
-
-

@@ -52,7 +52,11 @@ def _metadata(result: Any, asset: str) -> dict[str, Any]:
 @pytest.mark.slow
 def test_each_stage_calls_its_own_client_and_reports_its_cost(tmp_path: Path, dataset_dir: Path):
     stages = [
-        raw_conversations, conversation_summaries, extracted_properties, summary_embeddings, base_clusters
+        raw_conversations,
+        conversation_summaries,
+        extracted_properties,
+        summary_embeddings,
+        base_clusters,
     ]
     with (
         LoopbackServer() as strong,

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import email.utils
 import functools
+import inspect
 import json
 import random
 import time
@@ -22,7 +23,7 @@ import openai.resources.chat  # noqa: F401 - imported lazily on first use otherw
 from aiolimiter import AsyncLimiter
 from instructor.core import InstructorRetryException
 from pydantic import BaseModel, ValidationError
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from kura_pipeline.core.llm_cache import ResponseCache, cache_key, schema_text
 from kura_pipeline.core.prompts import Prompt
@@ -47,6 +48,59 @@ PACING_SHARE = 0.9
 MAX_PACING_SECONDS = 0.025
 # Roughly four characters a token for English text and JSON; only used for the reservation.
 CHARS_PER_TOKEN = 4
+# A stage fails when more than this share of one gather's LLM calls failed (or all of them).
+DEFAULT_MAX_FAILURE_SHARE = 0.5
+# Connecting is quick or never happens; a reply may take a while. A silent endpoint with these
+# defaults: two tries of 60 s each (a read timeout is retried once, see MAX_TIMEOUT_ATTEMPTS)
+# plus a second of backoff, ~2 minutes per wave of calls, not the 8 minutes of 4 x 120 s.
+DEFAULT_CONNECT_TIMEOUT_SECONDS = 10.0
+DEFAULT_READ_TIMEOUT_SECONDS = 60.0
+# A request the endpoint sat on for a whole read timeout is tried once more, not max_attempts
+# times: a stall that outlasts two timeouts is an outage, and repeating it only delays the report.
+MAX_TIMEOUT_ATTEMPTS = 2
+KEY_REFUSED = "the endpoint refused the key (HTTP {status})"
+STAGE_DEADLINE_PASSED = "stage deadline passed"
+
+
+# Each numeric setting's allowed range: (lowest, highest, whether the lowest itself is allowed).
+SETTING_RANGES: dict[str, tuple[float, float | None, bool]] = {
+    "max_concurrency": (1, None, True),
+    "requests_per_minute": (1, None, True),
+    "tokens_per_minute": (1, None, True),
+    "max_output_tokens": (1, None, True),
+    "max_attempts": (1, None, True),
+    "max_timeout_attempts": (1, None, True),
+    "input_price_per_million": (0, None, True),
+    "output_price_per_million": (0, None, True),
+    "connect_timeout_seconds": (0, None, False),
+    "read_timeout_seconds": (0, None, False),
+    "timeout_seconds": (0, None, False),
+    "stage_deadline_seconds": (0, None, False),
+    "max_failure_share": (0, 1, False),
+}
+
+
+def allowed_range(name: str) -> str:
+    """The range of a setting as a person reads it: ">= 1", "> 0", "in (0, 1]"."""
+    low, high, inclusive = SETTING_RANGES[name]
+    if high is not None:
+        return f"in {'[' if inclusive else '('}{low:g}, {high:g}]"
+    return f"{'>=' if inclusive else '>'} {low:g}"
+
+
+def check_setting(name: str, value: float | None) -> str | None:
+    """What is wrong with one numeric setting (None: nothing, or not set)."""
+    if value is None or name not in SETTING_RANGES:
+        return None
+    low, high, inclusive = SETTING_RANGES[name]
+    too_low = value < low if inclusive else value <= low
+    if too_low or (high is not None and value > high) or value != value:  # value != value: NaN
+        return f"{name}={value!r} is out of range: it must be {allowed_range(name)}"
+    return None
+
+
+def settings_problems(values: dict[str, float | None]) -> list[str]:
+    return [problem for name, value in values.items() if (problem := check_setting(name, value))]
 
 
 @dataclass(frozen=True)
@@ -62,12 +116,31 @@ class LLMSettings:
     max_output_tokens: int | None = None
     input_price_per_million: float | None = None
     output_price_per_million: float | None = None
-    timeout_seconds: float = 120.0
+    connect_timeout_seconds: float = DEFAULT_CONNECT_TIMEOUT_SECONDS
+    read_timeout_seconds: float = DEFAULT_READ_TIMEOUT_SECONDS
+    # The old single timeout: when given, it is the read timeout (kept for existing callers).
+    timeout_seconds: float | None = None
     max_attempts: int = 4
+    max_timeout_attempts: int = MAX_TIMEOUT_ATTEMPTS
     backoff_seconds: float = 1.0
     max_backoff_seconds: float = 60.0
     temperature: float = 0.0
     extra_body: dict[str, Any] | None = None
+    max_failure_share: float = DEFAULT_MAX_FAILURE_SHARE
+    # Seconds from the stage's first LLM work after which calls not answered yet fail.
+    stage_deadline_seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        # A bad number fails here with its name and range, not later as a hang (a semaphore of 0)
+        # or a traceback deep inside a stage.
+        for problem in settings_problems(
+            {name: getattr(self, name) for name in SETTING_RANGES if hasattr(self, name)}
+        ):
+            raise ValueError(f"LLM client {self.name!r}: {problem}")
+
+    @property
+    def read_timeout(self) -> float:
+        return self.timeout_seconds if self.timeout_seconds is not None else self.read_timeout_seconds
 
     def __repr__(self) -> str:  # never print the key
         return (
@@ -117,6 +190,22 @@ class LLMStats:
 
 class RetryableReply(Exception):
     """The model answered, but the answer did not parse or validate."""
+
+
+class KeyRefused(Exception):
+    """The endpoint answered 401/403 earlier: this client's requests are not sent any more."""
+
+
+class LLMStageFailed(RuntimeError):
+    """Too many of a stage's LLM calls failed for its output to be trusted: fails the step."""
+
+
+def refused_status(error: BaseException) -> int | None:
+    """401 or 403 when the endpoint refused the key (no retry can change that), else None."""
+    error = _root_cause(error)
+    if isinstance(error, openai.APIStatusError) and error.status_code in (401, 403):
+        return error.status_code
+    return None
 
 
 def _root_cause(error: BaseException) -> BaseException:
@@ -200,6 +289,10 @@ def response_schema_text(response_model: type[BaseModel]) -> str:
 
 def describe(error: BaseException) -> str:
     error = _root_cause(error)
+    if isinstance(error, KeyRefused):
+        return str(error)
+    if (status := refused_status(error)) is not None:
+        return KEY_REFUSED.format(status=status)
     if isinstance(error, openai.APIStatusError):
         return f"HTTP {error.status_code} from the LLM endpoint"
     if isinstance(error, openai.APITimeoutError):
@@ -260,6 +353,13 @@ class LLMClient:
         self._resume_at = 0.0  # monotonic time before which no request starts (Retry-After)
         self._latency: float | None = None  # moving average of a successful call's duration
         self._next_start = 0.0  # monotonic time before which the next request does not start
+        self._refused: str | None = None  # set by the first 401/403: no request is sent after it
+        self._deadline: float | None = None  # monotonic end of the stage (stage_deadline_seconds)
+        self._in_flight: dict[str, asyncio.Future[Any]] = {}  # cache key -> the answer on its way
+        # Every call's end, for the stage check of work that does not go through `gather`.
+        self.answered = 0
+        self.failed = 0
+        self.first_failure: str | None = None
 
     def __repr__(self) -> str:
         return f"LLMClient({self.settings!r})"
@@ -279,10 +379,13 @@ class LLMClient:
                 self._request_limiter = request_limiter(self.settings.requests_per_minute)
             if self.settings.tokens_per_minute:
                 self._token_limiter = token_limiter(self.settings.tokens_per_minute)
+            self._in_flight = {}
             self._raw = openai.AsyncOpenAI(
                 base_url=self.settings.base_url,
                 api_key=self.settings.api_key,
-                timeout=self.settings.timeout_seconds,
+                # (connect, read, write, pool): the openai client's own httpx takes a tuple, whichever
+                # httpx it is; read also bounds writes and the wait for a pooled connection.
+                timeout=(self.settings.connect_timeout_seconds, *[self.settings.read_timeout] * 3),
                 max_retries=0,  # retries are ours, so they are counted and honour Retry-After
             )
             self._client = instructor.from_openai(self._raw, mode=MODES[self.settings.mode])
@@ -327,33 +430,104 @@ class LLMClient:
         if error is not None:
             self.log(f"{self.name}: retrying after {describe(error)} (attempt {state.attempt_number})")
 
+    @property
+    def refused(self) -> str | None:
+        """Why this client sends nothing any more (the endpoint refused its key), or None."""
+        return self._refused
+
+    def start_stage_clock(self) -> None:
+        """Start the stage deadline, once per client (a client serves one stage)."""
+        if self.settings.stage_deadline_seconds and self._deadline is None:
+            self._deadline = time.monotonic() + self.settings.stage_deadline_seconds
+
+    def _record(self, result: Any) -> Any:
+        if isinstance(result, LLMFailure):
+            self.failed += 1
+            self.first_failure = self.first_failure or result.reason
+        else:
+            self.answered += 1
+        return result
+
+    def _fail(self, reason: str) -> LLMFailure:
+        self.stats.failures += 1
+        self.stats.failure_reasons[reason] = self.stats.failure_reasons.get(reason, 0) + 1
+        return LLMFailure(reason=reason)
+
     async def complete(
         self, prompt: Prompt, messages: list[dict[str, str]], response_model: type[T]
     ) -> T | LLMFailure:
-        """One structured call, answered from the cache when it was paid for before."""
+        """One structured call, answered from the cache when it was paid for before, or by the
+        identical request already in flight (single flight: one payment for the same key)."""
         self._ensure_loop_state()
         schema = response_schema_text(response_model)
         key = cache_key(self.settings.model, prompt.key, messages, schema)
+        while (leader := self._in_flight.get(key)) is not None:
+            try:
+                answer = await asyncio.shield(leader)
+            except asyncio.CancelledError:
+                if leader.cancelled():  # the leader was cancelled, not us: ask ourselves
+                    continue
+                raise
+            if isinstance(answer, LLMFailure):  # counted like the leader's, so metadata adds up
+                return self._record(self._fail(answer.reason))
+            self.stats.cache_hits += 1  # answered without a call of its own, like a cache hit
+            return self._record(answer.model_copy(deep=True))
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._in_flight[key] = future
+        try:
+            result = await self._complete(prompt, key, messages, schema, response_model)
+        except BaseException:
+            future.cancel()
+            raise
+        else:
+            future.set_result(result)
+        finally:
+            if self._in_flight.get(key) is future:
+                del self._in_flight[key]
+        return self._record(result)
+
+    async def _complete(
+        self, prompt: Prompt, key: str, messages: list[dict[str, str]], schema: str, response_model: type[T]
+    ) -> T | LLMFailure:
         # SQLite off the event loop: a slow disk must not hold up the requests in flight.
         if self.cache is not None and (cached := await asyncio.to_thread(self.cache.get, key)) is not None:
             self.stats.cache_hits += 1
             return response_model.model_validate_json(cached)
+        if self._refused:
+            return self._fail(self._refused)
         estimate = estimate_tokens(messages, schema, self.settings.max_output_tokens)
+        timeouts = 0
+
+        def give_up(state: RetryCallState) -> bool:
+            nonlocal timeouts
+            error = state.outcome.exception() if state.outcome else None
+            if error is not None and isinstance(_root_cause(error), openai.APITimeoutError):
+                timeouts += 1
+            return (
+                state.attempt_number >= self.settings.max_attempts
+                or timeouts >= self.settings.max_timeout_attempts
+            )
+
+        deadline = asyncio.timeout_at(self._deadline)  # None: no deadline
         try:
-            async for attempt in AsyncRetrying(
-                stop=stop_after_attempt(self.settings.max_attempts),
-                wait=self._wait,
-                retry=retry_if_exception(is_retryable),
-                before_sleep=self._count_retry,
-                reraise=True,
-            ):
-                with attempt:
-                    result = await self._call(messages, response_model, estimate)
+            async with deadline:
+                async for attempt in AsyncRetrying(
+                    stop=give_up,
+                    wait=self._wait,
+                    retry=retry_if_exception(is_retryable),
+                    before_sleep=self._count_retry,
+                    reraise=True,
+                ):
+                    with attempt:
+                        result = await self._call(messages, response_model, estimate)
+        except TimeoutError as error:
+            return self._fail(STAGE_DEADLINE_PASSED if deadline.expired() else describe(error))
         except Exception as error:  # noqa: BLE001 - every failure is recorded, none is lost
-            self.stats.failures += 1
-            reason = describe(error)
-            self.stats.failure_reasons[reason] = self.stats.failure_reasons.get(reason, 0) + 1
-            return LLMFailure(reason=reason)
+            if (status := refused_status(error)) is not None and self._refused is None:
+                # The key will not work on the next try either: stop every request of this client.
+                self._refused = KEY_REFUSED.format(status=status)
+                self.log(f"{self.name}: {self._refused}; no further request is sent")
+            return self._fail(describe(error))
         if self.cache is not None:  # stored (committed) before the answer is used
             await asyncio.to_thread(self.cache.put, key, prompt.key, result.model_dump_json())
         return result
@@ -382,6 +556,8 @@ class LLMClient:
 
     async def _call(self, messages: list[dict[str, str]], response_model: type[T], estimate: int) -> T:
         assert self._semaphore is not None
+        if self._refused:
+            raise KeyRefused(self._refused)
         await self._pause_if_asked()
         if self._request_limiter is not None:
             await self._request_limiter.acquire()
@@ -390,6 +566,8 @@ class LLMClient:
             await self._token_limiter.acquire(estimate)
         async with self._semaphore:
             await self._pause_if_asked()  # a 429 may have come while this request queued
+            if self._refused:  # a 401 may have come while this request queued
+                raise KeyRefused(self._refused)
             await self._pace()
             self.stats.calls += 1
             kwargs: dict[str, Any] = {}
@@ -432,17 +610,36 @@ class LLMClient:
         Only a window of calls (twice the concurrency) is started at a time: each call prepares
         its request (prompt, cache key, cache lookup) when it starts, and starting thousands at
         once would hold back the first requests until every one of them had been prepared.
+
+        The results are checked as one stage: when every call failed, more than
+        `max_failure_share` of them did, or the endpoint refused the key, this raises
+        `LLMStageFailed` naming the label, the count and the first reason. Once the share is
+        certain to be passed, calls not started yet are not sent (a dead endpoint must not keep
+        a large stage busy for hours). A result of None is work that needed no call.
         """
         total = len(calls)
         done = 0
+        failed = 0
+        skipped = 0
+        first: str | None = None
         started = time.monotonic()
         last_report = started
         window = asyncio.Semaphore(max(2 * self.settings.max_concurrency, 4))
+        share = self.settings.max_failure_share
 
         async def tracked(call: Awaitable[Any]) -> Any:
-            nonlocal done, last_report
+            nonlocal done, failed, skipped, first, last_report
             async with window:
+                if failed > share * total and not self._refused:
+                    # Doomed already: don't pay for answers the stage will throw away.
+                    if inspect.iscoroutine(call):
+                        call.close()
+                    skipped += 1
+                    return None
                 result = await call
+            if isinstance(result, LLMFailure):
+                failed += 1
+                first = first or result.reason
             done += 1
             now = time.monotonic()
             if now - last_report >= 5 or done == total:
@@ -452,11 +649,35 @@ class LLMClient:
                 self.log(f"{label}: {done}/{total} done, {rate:.1f}/s, ETA {eta:.0f}s")
             return result
 
-        return list(await asyncio.gather(*(tracked(call) for call in calls)))
+        results = list(await asyncio.gather(*(tracked(call) for call in calls)))
+        attempted = sum(result is not None for result in results)
+        if failed and (failed == attempted or failed > share * attempted or self._refused):
+            not_sent = f", {skipped} more not sent" if skipped else ""
+            raise LLMStageFailed(
+                f"{label}: {failed} of {attempted} LLM calls failed{not_sent} "
+                f"(first: {self._refused or first})"
+            )
+        return results
+
+
+def check_stage(client: LLMClient, answered: int, failed: int) -> None:
+    """The stage check for work that did not go through `gather` (extractors call `complete`
+    themselves): over every call this client ended since (answered, failed) were read."""
+    answered, failed = client.answered - answered, client.failed - failed
+    share = client.settings.max_failure_share
+    if failed and (failed > share * (answered + failed) or client.refused):
+        raise LLMStageFailed(
+            f"LLM client {client.name!r}: {failed} of {answered + failed} LLM calls failed "
+            f"(first: {client.refused or client.first_failure})"
+        )
 
 
 def run_llm(coroutine: Coroutine[Any, Any, R], *clients: LLMClient) -> R:
-    """`asyncio.run` for a stage's LLM work, closing the clients' connections in the same loop."""
+    """`asyncio.run` for a stage's LLM work, closing the clients' connections in the same loop;
+    raises `LLMStageFailed` when too many of the stage's calls failed (see `LLMClient.gather`)."""
+    before = [(client.answered, client.failed) for client in clients]
+    for client in clients:
+        client.start_stage_clock()
 
     async def main() -> R:
         try:
@@ -465,7 +686,10 @@ def run_llm(coroutine: Coroutine[Any, Any, R], *clients: LLMClient) -> R:
             for client in clients:
                 await client.aclose()
 
-    return asyncio.run(main())
+    result = asyncio.run(main())
+    for client, (answered, failed) in zip(clients, before, strict=True):
+        check_stage(client, answered, failed)
+    return result
 
 
 def combined_metadata(clients: Sequence[LLMClient]) -> dict[str, Any]:

@@ -10,18 +10,40 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dagster import Config, ConfigurableResource, InitResourceContext
-from pydantic import PrivateAttr
+from pydantic import PrivateAttr, ValidationError, model_validator
 
 from kura_pipeline.core.backends import OFFLINE_LABEL, Backend, LLMBackend, OfflineBackend
-from kura_pipeline.core.llm import LLMClient, LLMSettings
+from kura_pipeline.core.llm import (
+    DEFAULT_CONNECT_TIMEOUT_SECONDS,
+    DEFAULT_MAX_FAILURE_SHARE,
+    DEFAULT_READ_TIMEOUT_SECONDS,
+    SETTING_RANGES,
+    LLMClient,
+    LLMSettings,
+    settings_problems,
+)
 from kura_pipeline.core.llm_cache import ResponseCache
 from kura_pipeline.core.prompts import DEFAULT_CONVERSATION_CHAR_BUDGET
 
 Mode = Literal["json_schema", "tools", "json", "md_json"]
 DEFAULT_CLIENT = "default"
+# A 1.5B model on two busy cores took 151 s for one summary: the local server gets more time.
+LOCAL_READ_TIMEOUT_SECONDS = 600.0
 
 
-class NamedLLMClient(Config):
+class CheckedNumbers:
+    """Every numeric setting in its range when the config is built (one line per problem naming
+    the field and the range), never a hang or a traceback inside a stage."""
+
+    @model_validator(mode="after")
+    def _numbers_in_range(self) -> Any:
+        values = {name: getattr(self, name) for name in SETTING_RANGES if hasattr(self, name)}
+        if problems := settings_problems(values):
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class NamedLLMClient(CheckedNumbers, Config):
     """Another OpenAI-compatible endpoint, with limits and prices of its own (Kura's named
     `clients`): a cheap model for extractors, a strong one for cluster names, a second key's quota.
     The key is read from the environment variable `api_key_env` when the client is built, so it
@@ -37,12 +59,17 @@ class NamedLLMClient(Config):
     max_output_tokens: int | None = None
     input_price_per_million: float | None = None
     output_price_per_million: float | None = None
-    timeout_seconds: float = 120.0
+    connect_timeout_seconds: float = DEFAULT_CONNECT_TIMEOUT_SECONDS
+    read_timeout_seconds: float = DEFAULT_READ_TIMEOUT_SECONDS
+    timeout_seconds: float | None = None  # the old single timeout: the read timeout when given
     max_attempts: int = 4
     temperature: float = 0.0
+    # None: the resource's own setting.
+    max_failure_share: float | None = None
+    stage_deadline_seconds: float | None = None
 
 
-class LLMResource(ConfigurableResource):
+class LLMResource(CheckedNumbers, ConfigurableResource):
     """`offline`: no model; summaries from the user's own words, names from distinctive terms.
     `openai`: OpenAI, Gemini's OpenAI endpoint, vLLM, Ollama, llama.cpp... through instructor.
     `local`: llama.cpp's own server started in-process (xllamacpp) on 127.0.0.1 with
@@ -56,6 +83,11 @@ class LLMResource(ConfigurableResource):
     Limits are per client and per process: `max_concurrency` requests in flight,
     `requests_per_minute`, `tokens_per_minute`. With prices (per million tokens), each stage's
     metadata has `llm_cost_usd`.
+
+    Trust: a stage fails when all of one batch of its LLM calls failed or more than
+    `max_failure_share` of them did, and at once when the endpoint refuses the key (401/403).
+    Each request has `connect_timeout_seconds` and `read_timeout_seconds` (None: 60 s, or 600 s
+    for `local`); `stage_deadline_seconds` bounds a stage's LLM work as a whole.
 
     The API key belongs in the environment (Dagster `EnvVar`); it is never logged or stored.
     """
@@ -74,7 +106,11 @@ class LLMResource(ConfigurableResource):
     clients: dict[str, NamedLLMClient] = {}
     summary_client: str = DEFAULT_CLIENT
     cluster_client: str = DEFAULT_CLIENT
-    timeout_seconds: float = 120.0
+    connect_timeout_seconds: float = DEFAULT_CONNECT_TIMEOUT_SECONDS
+    read_timeout_seconds: float | None = None
+    timeout_seconds: float | None = None  # the old single timeout: the read timeout when given
+    max_failure_share: float = DEFAULT_MAX_FAILURE_SHARE
+    stage_deadline_seconds: float | None = None
     max_attempts: int = 4
     temperature: float = 0.0
     extra_body_json: str | None = None
@@ -137,11 +173,11 @@ class LLMResource(ConfigurableResource):
         api_key = os.getenv(named.api_key_env) if named.api_key_env else None
         if named.api_key_env and not api_key:
             raise ValueError(f"LLM client {name!r}: the environment variable {named.api_key_env} is not set")
-        settings = LLMSettings(
-            name=name,
-            api_key=api_key or "not-needed",
-            **named.model_dump(exclude={"api_key_env"}),
-        )
+        values = named.model_dump(exclude={"api_key_env"})
+        for inherited in ("max_failure_share", "stage_deadline_seconds"):
+            if values[inherited] is None:
+                values[inherited] = getattr(self, inherited)
+        settings = LLMSettings(name=name, api_key=api_key or "not-needed", **values)
         return LLMClient(settings, cache=cache, log=log)
 
     def select_backend(self, log: Callable[[str], None] | None = None) -> Backend:
@@ -161,6 +197,14 @@ class LLMResource(ConfigurableResource):
         if self.is_offline:
             return {}
         return {name: self.client(name, log=log) for name in self.client_names}
+
+    def _read_timeout(self) -> float:
+        # The old single timeout wins when given, as in LLMSettings (existing configs keep theirs).
+        if self.timeout_seconds is not None:
+            return self.timeout_seconds
+        if self.read_timeout_seconds is not None:
+            return self.read_timeout_seconds
+        return LOCAL_READ_TIMEOUT_SECONDS if self.backend == "local" else DEFAULT_READ_TIMEOUT_SECONDS
 
     def _default_settings(self) -> LLMSettings:
         extra_body: dict[str, Any] = json.loads(self.extra_body_json) if self.extra_body_json else {}
@@ -182,7 +226,10 @@ class LLMResource(ConfigurableResource):
             max_output_tokens=self.max_output_tokens,
             input_price_per_million=self.input_price_per_million,
             output_price_per_million=self.output_price_per_million,
-            timeout_seconds=self.timeout_seconds,
+            connect_timeout_seconds=self.connect_timeout_seconds,
+            read_timeout_seconds=self._read_timeout(),
+            max_failure_share=self.max_failure_share,
+            stage_deadline_seconds=self.stage_deadline_seconds,
             max_attempts=self.max_attempts,
             temperature=self.temperature,
             extra_body=extra_body or None,
@@ -205,7 +252,16 @@ def clients_from_file(path: str | Path) -> dict[str, Any]:
     unknown = set(document) - {"clients", "summary_client", "cluster_client"}
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
-    clients = {name: NamedLLMClient(**values) for name, values in (document.get("clients") or {}).items()}
+    clients = {}
+    for name, values in (document.get("clients") or {}).items():
+        try:
+            clients[name] = NamedLLMClient(**values)
+        except ValidationError as error:  # one line: the first problem, where it is
+            problem = error.errors()[0]
+            where = ".".join(str(part) for part in problem["loc"])
+            raise ValueError(
+                f"{path}: client {name!r}: {where + ': ' if where else ''}{problem['msg']}"
+            ) from None
     known = {DEFAULT_CLIENT, *clients}
     for role in ("summary_client", "cluster_client"):
         if document.get(role, DEFAULT_CLIENT) not in known:
