@@ -115,6 +115,26 @@ def _children_of(children: list[Cluster], assignment: list[int] | np.ndarray) ->
     return members_of
 
 
+def parent_cluster(
+    members: list[Cluster], label: ClusterLabel, level: int, taken: set[str], fallback: str | None = None
+) -> Cluster:
+    """A parent holding exactly its members' conversations (and their batch counts)."""
+    chat_ids = sorted(chat for child in members for chat in child.chat_ids)
+    batches: Counter[str] = Counter()
+    for child in members:
+        batches.update(child.batch_counts)
+    return Cluster(
+        id=cluster_id(level, chat_ids),
+        name=label.name,
+        description=label.description,
+        slug=slugify(label.name, taken),
+        chat_ids=chat_ids,
+        level=level,
+        batch_counts=dict(batches),
+        fallback=fallback,
+    )
+
+
 def _make_parents(
     children: list[Cluster], plan: LevelPlan, level: int, taken: set[str]
 ) -> tuple[list[Cluster], list[Cluster]]:
@@ -131,20 +151,7 @@ def _make_parents(
             promoted.extend(members)
             continue
         fallback = "; ".join(r for r in (label.failed_reason, reasons.get(parent_index)) if r) or None
-        chat_ids = sorted(chat for child in members for chat in child.chat_ids)
-        batches: Counter[str] = Counter()
-        for child in members:
-            batches.update(child.batch_counts)
-        parent = Cluster(
-            id=cluster_id(level, chat_ids),
-            name=label.name,
-            description=label.description,
-            slug=slugify(label.name, taken),
-            chat_ids=chat_ids,
-            level=level,
-            batch_counts=dict(batches),
-            fallback=fallback,
-        )
+        parent = parent_cluster(members, label, level, taken, fallback)
         for child in members:
             child.parent_id = parent.id
         parents.append(parent)
@@ -231,21 +238,7 @@ def build_offline_hierarchy(
     made: list[Cluster] = []
     taken = {c.slug for c in base}
     for (level, members, _), label in zip(nodes, labels, strict=True):
-        chat_ids = sorted(chat for b in members for chat in base[b].chat_ids)
-        batches: Counter[str] = Counter()
-        for b in members:
-            batches.update(base[b].batch_counts)
-        made.append(
-            Cluster(
-                id=cluster_id(level, chat_ids),
-                name=label.name,
-                description=label.description,
-                slug=slugify(label.name, taken),
-                chat_ids=chat_ids,
-                level=level,
-                batch_counts=dict(batches),
-            )
-        )
+        made.append(parent_cluster([base[b] for b in members], label, level, taken))
     for node, (_, _, parent) in enumerate(nodes):
         if parent is not None:
             made[node].parent_id = made[parent].id
