@@ -40,15 +40,11 @@ class HtmlUPathIOManager(UPathIOManager):
     extension = ".html"
 
     def dump_to_path(self, context: OutputContext, obj: str, path: UPath) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = obj.encode("utf-8")
-        if path.protocol in ("", "file", "local", "memory"):
-            # A sibling, then a rename: a browser never opens a half-written page.
-            partial = path.with_name(path.name + ".partial")
-            partial.write_bytes(data)
-            partial.rename(path)
-        else:  # object stores have no rename: the upload is complete when it returns
-            path.write_bytes(data)
+        from kura_pipeline.resources.io_manager import write_atomically
+
+        # A sibling of its own, then an atomic replace: a browser never opens a half-written
+        # page, even while another process writes the same one (object stores: one upload).
+        write_atomically(path, obj.encode("utf-8"))
 
     def load_from_path(self, context: InputContext, path: UPath) -> str:
         return path.read_text(encoding="utf-8")

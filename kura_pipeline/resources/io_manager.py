@@ -8,7 +8,10 @@ new changes no file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import uuid
 from typing import Any
 
 import polars as pl
@@ -46,15 +49,7 @@ class PolarsParquetUPathIOManager(UPathIOManager):
         context.add_output_metadata({CONTENT_HASH_KEY: digest})
         if path.exists() and _sha256_of(path) == digest:
             return  # same content: leave the file (and its timestamp) alone
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Write to a sibling and rename, so a crash never leaves a half-written table behind.
-        partial = path.with_name(path.name + ".partial")
-        with partial.open("wb") as file:
-            file.write(data)
-        if path.protocol in ("", "file", "local", "memory"):
-            partial.rename(path)
-        else:  # object stores have no rename: the upload is complete when `close` returns
-            _copy_then_remove(partial, path)
+        write_atomically(path, data)
 
     def load_from_path(self, context: InputContext, path: UPath) -> pl.DataFrame:
         # An input may ask for some columns only (`AssetIn(metadata={"columns": [...]})`):
@@ -77,10 +72,39 @@ def _sha256_of(path: UPath) -> str:
         return hashlib.sha256(file.read()).hexdigest()
 
 
-def _copy_then_remove(source: UPath, target: UPath) -> None:
-    with source.open("rb") as src, target.open("wb") as dst:
-        dst.write(src.read())
-    source.unlink()
+LOCAL_PROTOCOLS = ("", "file", "local")
+
+
+def partial_name(path: UPath) -> UPath:
+    """A sibling no other write uses: `<file>.<pid>.<uuid>.partial`. Two processes (or threads)
+    writing the same stage never share a temporary file, so neither tears the other's."""
+    return path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex}.partial")
+
+
+def write_atomically(path: UPath, data: bytes) -> None:
+    """`data` at `path`, whole or not at all: a reader sees the old file or the new one, never a
+    part, however many writers race. On local disk (and in memory) a unique sibling, then an
+    atomic replace; on an object store an upload is complete when it returns."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.protocol in LOCAL_PROTOCOLS:
+        local = path.path if path.protocol else str(path)
+        partial = f"{local}.{os.getpid()}.{uuid.uuid4().hex}.partial"
+        try:
+            with open(partial, "wb") as file:
+                file.write(data)
+            os.replace(partial, local)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(partial)
+            raise
+    elif path.protocol == "memory":
+        partial_path = partial_name(path)
+        with partial_path.open("wb") as file:
+            file.write(data)
+        partial_path.rename(path)
+    else:  # object stores have no rename: the upload is complete when `close` returns
+        with path.open("wb") as file:
+            file.write(data)
 
 
 class ParquetIOManager(ConfigurableIOManagerFactory):

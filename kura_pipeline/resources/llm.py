@@ -24,6 +24,7 @@ from kura_pipeline.core.llm import (
 )
 from kura_pipeline.core.llm_cache import ResponseCache
 from kura_pipeline.core.prompts import DEFAULT_CONVERSATION_CHAR_BUDGET
+from kura_pipeline.core.redact import install_redaction
 
 Mode = Literal["json_schema", "tools", "json", "md_json"]
 DEFAULT_CLIENT = "default"
@@ -123,6 +124,10 @@ class LLMResource(CheckedNumbers, ConfigurableResource):
     _local: Any = PrivateAttr(default=None)
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
+        # Every configured key is scrubbed from every log record from now on (never logged).
+        if not self.is_offline:
+            named = [os.getenv(c.api_key_env) for c in self.clients.values() if c.api_key_env]
+            install_redaction([self.api_key, *named])
         # The local server lives as long as the step that uses it, and only when asked for.
         if self.backend == "local":
             from kura_pipeline.core.local_models import resolve_local_model
@@ -166,6 +171,7 @@ class LLMResource(CheckedNumbers, ConfigurableResource):
         """The named client (`default` is the one this resource's own fields describe)."""
         cache = ResponseCache(Path(self.cache_path)) if self.cache_path else None
         if name == DEFAULT_CLIENT:
+            install_redaction([self.api_key])  # its key never reaches a log
             return LLMClient(self._default_settings(), cache=cache, log=log)
         if name not in self.clients:
             raise ValueError(f"no LLM client named {name!r}: the clients are {', '.join(self.client_names)}")
@@ -173,6 +179,7 @@ class LLMResource(CheckedNumbers, ConfigurableResource):
         api_key = os.getenv(named.api_key_env) if named.api_key_env else None
         if named.api_key_env and not api_key:
             raise ValueError(f"LLM client {name!r}: the environment variable {named.api_key_env} is not set")
+        install_redaction([api_key])  # its key never reaches a log
         values = named.model_dump(exclude={"api_key_env"})
         for inherited in ("max_failure_share", "stage_deadline_seconds"):
             if values[inherited] is None:

@@ -423,6 +423,7 @@ class LoopbackServer:
         embedding_dim: int = 384,
         keep_alive: bool = False,
         log_limit: int = 1000,
+        echo_authorization: bool = False,
         faults: Faults | None = None,
         **fault_settings: Any,
     ) -> None:
@@ -432,6 +433,9 @@ class LoopbackServer:
         self.model = model
         self.embedding_dim = embedding_dim
         self.keep_alive = keep_alive
+        # A careless endpoint (fault drill): the Authorization header comes back in every error
+        # message, in an `X-Echo-Authorization` header and in a chat answer's system_fingerprint.
+        self.echo_authorization = echo_authorization
         self.faults = faults or Faults()
         if fault_settings:
             self.faults.set(**fault_settings)
@@ -625,6 +629,27 @@ class LoopbackServer:
         return bool(request.scope.get("loopback.disconnected"))
 
     async def _answer(
+        self, request: Request, endpoint: str, decision: Decision, body: Any
+    ) -> Response:
+        if self.echo_authorization:
+            echoed = request.headers.get("authorization", "")
+            return self._echo(await self._answer_plain(request, endpoint, decision, body), echoed)
+        return await self._answer_plain(request, endpoint, decision, body)
+
+    def _echo(self, response: Response, echoed: str) -> Response:
+        """`response` with the Authorization header echoed (echo_authorization mode)."""
+        response.headers["X-Echo-Authorization"] = echoed
+        if response.status_code >= 400 or b'"system_fingerprint"' in response.body:
+            payload = json.loads(response.body)
+            if "error" in payload:
+                payload["error"]["message"] += f" (you sent Authorization: {echoed})"
+            else:
+                payload["system_fingerprint"] = f"loopback, you sent Authorization: {echoed}"
+            headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
+            return JSONResponse(payload, status_code=response.status_code, headers=headers)
+        return response
+
+    async def _answer_plain(
         self, request: Request, endpoint: str, decision: Decision, body: Any
     ) -> Response:
         outcome = decision.outcome
