@@ -5,18 +5,22 @@ from __future__ import annotations
 import os
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 import polars as pl
+import pyarrow.parquet as pq
 from dagster import DagsterInstance
 from upath import UPath
 
 from kura_pipeline.core.frames import frame_to_clusters
+from kura_pipeline.core.registry import DatasetSpec, RegistryError, read_registry_entries
 from kura_pipeline.core.render.tree import fallback_note, render_tree
 from kura_pipeline.partitions import datasets_partitions
 from kura_pipeline.resources.io_manager import stage_path
+from kura_pipeline.resources.registry import DatasetRegistry
 from kura_pipeline.sensors import unregistered_datasets
 
 DEFAULT_DAGSTER_HOME = ".dagster_home"
@@ -32,33 +36,115 @@ def cli_instance() -> DagsterInstance:
     return DagsterInstance.get()
 
 
+def _definitions() -> Any:
+    """kura_pipeline.definitions, or one line and exit 2 for a bad setting (SettingError)."""
+    try:
+        from kura_pipeline import definitions
+    except ValueError as error:  # a bad setting (SettingError): its one line, not a traceback
+        _fail(str(error))
+    return definitions
+
+
+def _fail(message: str) -> NoReturn:
+    """A user error: one line on stderr, exit code 2."""
+    click.echo(f"kura-pipeline: {' '.join(message.split())}", err=True)
+    sys.exit(2)
+
+
+def _registry() -> DatasetRegistry:
+    return _definitions().defs.resources["registry"]
+
+
+def _registry_entries(wanted: tuple[str, ...] = ()) -> tuple[dict[str, DatasetSpec], dict[str, str]]:
+    """The registry's good datasets, warning (one line each) about the bad entries it skips
+    (except those `wanted`: using one is an error of its own); a registry that cannot be read at
+    all is a user error."""
+    try:
+        datasets, problems = read_registry_entries(_registry().path)
+    except RegistryError as error:
+        _fail(str(error))
+    for name, problem in problems.items():
+        if name not in wanted:
+            click.echo(f"kura-pipeline: warning: skipped: {' '.join(problem.split())}", err=True)
+    return datasets, problems
+
+
+def _known(dataset: str, datasets: dict[str, DatasetSpec], problems: dict[str, str]) -> None:
+    """Exit 2 with one line unless `dataset` is a good entry of the registry."""
+    if dataset in problems:
+        _fail(f"dataset {dataset!r} cannot be used: {problems[dataset]}")
+    if dataset not in datasets:
+        known = ", ".join(sorted(datasets)) or "none"
+        where = _registry().path
+        _fail(f"unknown dataset {dataset!r}: it is not in the registry {where} (known datasets: {known})")
+
+
 def register_datasets(instance: DagsterInstance) -> list[str]:
     """Add the registry's datasets as partitions; returns the ones that were new."""
-    from kura_pipeline.definitions import defs
-
-    registry = defs.resources["registry"]
-    new = unregistered_datasets(registry, instance.get_dynamic_partitions(datasets_partitions.name))  # type: ignore[arg-type]
+    registry = _registry()
+    new = unregistered_datasets(registry, instance.get_dynamic_partitions(datasets_partitions.name))
     if new:
         instance.add_dynamic_partitions(datasets_partitions.name, new)
     return new
 
 
 def data_stage_path(asset: str, dataset: str) -> UPath:
-    from kura_pipeline.definitions import defs
-
-    return stage_path(defs.resources["io_manager"].base_path, asset, dataset)  # type: ignore[attr-defined]
+    return stage_path(_definitions().defs.resources["io_manager"].base_path, asset, dataset)
 
 
 @click.group()
-def main() -> None:
+@click.version_option(version("kura_pipeline"), "--version", prog_name="kura-pipeline")
+@click.option(
+    "--registry",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="The dataset registry YAML (sets KURA_DATASETS).",
+)
+@click.option(
+    "--data-dir",
+    default=None,
+    help="Where the Parquet goes: a folder or an fsspec URL (sets KURA_DATA_DIR).",
+)
+def main(registry: str | None, data_dir: str | None) -> None:
     """kura_pipeline: from chatbot conversations to a browsable hierarchy of usage patterns."""
+    # Read when kura_pipeline.definitions is imported, which every command does after this.
+    if registry is not None:
+        os.environ["KURA_DATASETS"] = str(Path(registry).resolve())
+    if data_dir is not None:
+        os.environ["KURA_DATA_DIR"] = data_dir if "://" in data_dir else str(Path(data_dir).resolve())
 
 
 @main.command()
 def register() -> None:
     """Register every dataset of the registry as a partition (before `dagster asset materialize`)."""
+    _registry_entries()
     new = register_datasets(cli_instance())
     click.echo(f"registered: {', '.join(new)}" if new else "every dataset is already registered")
+
+
+@main.command(name="list")
+def list_datasets() -> None:
+    """One line per registry dataset: registered as a partition or not, and how many
+    conversations and clusters its stage files hold where they exist."""
+    datasets, problems = _registry_entries()
+    registered = set(cli_instance().get_dynamic_partitions(datasets_partitions.name))
+    if not datasets:
+        click.echo(f"no datasets in the registry {_registry().path}")
+    for name in sorted(datasets):
+        parts = ["registered" if name in registered else "not registered (run `kura-pipeline register`)"]
+        for asset, noun in (("raw_conversations", "conversations"), ("meta_clusters", "clusters")):
+            rows = _rows(data_stage_path(asset, name))
+            if rows is not None:
+                parts.append(f"{rows} {noun}")
+        click.echo(f"{name}: {', '.join(parts)}")
+
+
+def _rows(path: UPath) -> int | None:
+    """The row count of a stage's Parquet file (from its footer), or None if there is none yet."""
+    if not path.exists():
+        return None
+    with path.open("rb") as file:
+        return pq.ParquetFile(file).metadata.num_rows
 
 
 @main.command()
@@ -67,17 +153,18 @@ def register() -> None:
 @click.option("--descriptions/--no-descriptions", default=False, help="Print cluster descriptions.")
 def run(datasets: tuple[str, ...], every: bool, descriptions: bool) -> None:
     """Materialise every stage for DATASETS (default: demo) in this process, then print each tree."""
-    try:
-        from kura_pipeline.definitions import defs, kura_job
-    except ValueError as error:  # a bad setting (SettingError): its one line, not a traceback
-        click.echo(f"kura-pipeline: {error}", err=True)
-        sys.exit(2)
+    definitions = _definitions()
+    defs, kura_job = definitions.defs, definitions.kura_job
+    datasets = datasets or (() if every else ("demo",))
+    known, problems = _registry_entries(datasets)
+    if every:
+        datasets = tuple(sorted(known))
+    for dataset in datasets:
+        _known(dataset, known, problems)
 
     instance = cli_instance()
     register_datasets(instance)
-    if every:
-        datasets = tuple(sorted(defs.resources["registry"].datasets()))  # type: ignore[attr-defined]
-    for dataset in datasets or ("demo",):
+    for dataset in datasets:
         started = time.monotonic()
         result = defs.resolve_job_def(kura_job.name).execute_in_process(
             instance=instance,
@@ -113,6 +200,7 @@ def _reason(error: Any) -> str:
 @click.option("--depth", type=int, default=None, help="Levels to show from the top.")
 def tree(dataset: str, descriptions: bool, depth: int | None) -> None:
     """Print DATASET's cluster tree (like Kura's visualise_clusters)."""
+    _known(dataset, *_registry_entries((dataset,)))
     _print_tree(dataset, descriptions, depth)
 
 

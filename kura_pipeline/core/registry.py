@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 from typing import Any
@@ -37,35 +38,94 @@ class RegistryError(ValueError):
 
 
 def read_registry(path: str | Path) -> dict[str, DatasetSpec]:
-    """Datasets by name. Relative `path` options are resolved against the registry's folder."""
+    """Datasets by name. Relative `path` options are resolved against the registry's folder.
+    A bad entry is left out (see `read_registry_entries` for why); a bad file raises."""
+    return read_registry_entries(path)[0]
+
+
+def read_registry_entries(path: str | Path) -> tuple[dict[str, DatasetSpec], dict[str, str]]:
+    """The good datasets by name, and a one-line problem for each bad entry by name: one bad
+    entry never hides the others. A file that cannot be read at all raises RegistryError."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError as error:
         raise RegistryError(f"dataset registry {path} does not exist") from error
     except yaml.YAMLError as error:
-        raise RegistryError(f"dataset registry {path} is not valid YAML: {error}") from error
+        raise RegistryError(f"dataset registry {path} is not valid YAML: {_yaml_problem(error)}") from None
     entries = raw.get("datasets") if isinstance(raw, dict) else None
     if not isinstance(entries, dict):
         raise RegistryError(f"dataset registry {path} needs a top-level 'datasets:' mapping")
-    datasets = {}
+    datasets: dict[str, DatasetSpec] = {}
+    problems: dict[str, str] = {}
     for name, entry in _discovered_inboxes(raw.get("inbox_root"), path).items():
         entries.setdefault(name, entry)
     for name, entry in entries.items():
-        if not DATASET_NAME.match(str(name)):
-            raise RegistryError(f"{path}: dataset name {name!r} must be letters, digits, '_', '-', '.'")
         try:
-            spec = DatasetSpec(name=str(name), **(entry or {}))
-        except (ValidationError, TypeError) as error:
-            raise RegistryError(f"{path}: dataset {name!r} is malformed: {error}") from error
-        for key in ("path", "data_files"):
-            value = spec.options.get(key)
-            if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
-                spec.options[key] = str((path.parent / value).resolve())
-        if spec.inbox is not None:
-            spec.inbox = str((path.parent / spec.inbox).resolve())
-        datasets[spec.name] = spec
-    return datasets
+            spec = _spec(str(name), entry, path)
+        except RegistryError as error:
+            problems[str(name)] = str(error)
+        else:
+            datasets[spec.name] = spec
+    return datasets, problems
+
+
+def _spec(name: str, entry: Any, path: Path) -> DatasetSpec:
+    if not DATASET_NAME.match(name):
+        raise RegistryError(
+            f"{path}: dataset name {name!r} must start with a letter or digit and have at most 64 "
+            "letters, digits, '_', '-', '.'"
+        )
+    if entry is not None and not isinstance(entry, dict):
+        raise RegistryError(f"{path}: dataset {name!r} must be a mapping with a 'loader:' key")
+    try:
+        spec = DatasetSpec(name=name, **(entry or {}))
+    except ValidationError as error:
+        raise RegistryError(f"{path}: dataset {name!r} is malformed: {_validation_problem(error)}") from None
+    except TypeError as error:
+        raise RegistryError(f"{path}: dataset {name!r} is malformed: {error}") from None
+    _check_options(spec, path)
+    for key in ("path", "data_files"):
+        value = spec.options.get(key)
+        if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
+            spec.options[key] = str((path.parent / value).resolve())
+    if spec.inbox is not None:
+        spec.inbox = str((path.parent / spec.inbox).resolve())
+    return spec
+
+
+def _check_options(spec: DatasetSpec, path: Path) -> None:
+    """An unknown loader, or an option key the loader does not take, named with what it takes."""
+    from kura_pipeline.core.loaders import LOADERS
+
+    if spec.loader not in LOADERS:
+        raise RegistryError(
+            f"{path}: dataset {spec.name!r}: unknown loader {spec.loader!r}; "
+            f"known loaders: {', '.join(LOADERS)}"
+        )
+    parameters = inspect.signature(LOADERS[spec.loader]).parameters.values()
+    if any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters):
+        return
+    allowed = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = [str(key) for key in spec.options if key not in allowed]
+    if unknown:
+        raise RegistryError(
+            f"{path}: dataset {spec.name!r}: unknown option {', '.join(map(repr, unknown))} for loader "
+            f"{spec.loader!r}; its options: {', '.join(allowed)}"
+        )
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
+
+
+def _validation_problem(error: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(map(str, item['loc'])) or 'entry'}: {item['msg']}" for item in error.errors()
+    )
 
 
 def _discovered_inboxes(root_entry: Any, registry_path: Path) -> dict[str, dict[str, Any]]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from dagster import ConfigurableResource
 
-from kura_pipeline.core.registry import DatasetSpec, RegistryError, read_registry
+from kura_pipeline.core.registry import DatasetSpec, RegistryError, read_registry_entries
 
 DEFAULT_REGISTRY = str(Path(__file__).resolve().parents[1] / "datasets.yaml")
 
@@ -17,10 +17,17 @@ class DatasetRegistry(ConfigurableResource):
     path: str = DEFAULT_REGISTRY
 
     def datasets(self) -> dict[str, DatasetSpec]:
-        return read_registry(self.path)
+        """The good entries; a bad one is left out (see `problems`), so it blocks only itself."""
+        return read_registry_entries(self.path)[0]
+
+    def problems(self) -> dict[str, str]:
+        """A one-line problem for each bad entry, by dataset name."""
+        return read_registry_entries(self.path)[1]
 
     def get(self, name: str) -> DatasetSpec:
-        datasets = self.datasets()
+        datasets, problems = read_registry_entries(self.path)
+        if name in problems:
+            raise RegistryError(problems[name])
         if name not in datasets:
             raise RegistryError(
                 f"dataset {name!r} is not in the registry {self.path} (known: {', '.join(sorted(datasets))})"
