@@ -31,7 +31,10 @@ def unregistered_datasets(registry: DatasetRegistry, registered: list[str]) -> l
 def dataset_registry_sensor(
     context: SensorEvaluationContext, registry: DatasetRegistry
 ) -> SensorResult | SkipReason:
-    """Adds every dataset named in the registry as a partition of every asset."""
+    """Adds every dataset named in the registry as a partition of every asset; an entry that
+    cannot be used is skipped with a warning naming it, and the others are still added."""
+    for problem in registry.problems():
+        context.log.warning(f"skipped: {problem}")
     new = unregistered_datasets(registry, context.instance.get_dynamic_partitions(datasets_partitions.name))
     if not new:
         return SkipReason("every dataset in the registry is already a partition")
