@@ -103,10 +103,12 @@ async def main():
     with open(conversations_path, encoding="utf-8") as file:
         for line in file:
             row = json.loads(line)
+            # Kura's models require a date; ShareGPT has none (null in our table): any fixed day.
+            when = row["created_at"] or "2000-01-01T00:00:00+00:00"
             conversations.append(Conversation(
-                chat_id=row["chat_id"], created_at=row["created_at"], metadata=row["metadata"],
+                chat_id=row["chat_id"], created_at=when, metadata=row["metadata"],
                 messages=[Message(role=m["role"], content=m["content"],
-                                  created_at=m.get("created_at") or row["created_at"])
+                                  created_at=m.get("created_at") or when)
                           for m in row["messages"]],
             ))
     stages.append({"stage": "load", "start": t0, "end": time.time(), "count": len(conversations)})
