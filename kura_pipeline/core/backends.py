@@ -2,7 +2,7 @@
 
 Each job is one small interface with an offline and an LLM implementation (as BERTopic takes
 its representation model, or Dagster's examples swap a client), chosen once where the
-resources are built (`LLMResource.backend`). Asset bodies call these and hold no backend branch.
+resources are built (`LLMResource.select_backend`). Asset bodies call these and hold no backend branch.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ import numpy as np
 import polars as pl
 
 from kura_pipeline.core.cluster import choose_top_k
-from kura_pipeline.core.frames import clustering_texts, frame_to_conversations, iter_conversation_chunks
+from kura_pipeline.core.frames import frame_to_conversations, iter_conversation_chunks, summaries_by_chat
 from kura_pipeline.core.hierarchy import (
     LevelPlan,
     build_hierarchy,
     build_offline_hierarchy,
+    member_embeddings,
     plan_level_clio,
 )
 from kura_pipeline.core.llm import LLMClient, combined_metadata, run_llm
@@ -73,7 +74,7 @@ def dataset_corpus(
 ) -> Corpus:
     """The corpus of the embedded conversations, in `chat_ids` order (the embedding rows)."""
     ok = summaries.filter(pl.col("failure_reason").is_null())
-    text_of = dict(zip(ok["chat_id"].to_list(), clustering_texts(ok), strict=True))
+    text_of = summaries_by_chat(ok)
     task_of = dict(zip(ok["chat_id"].to_list(), ok["task"].to_list(), strict=True))
     users = users_from_metadata(ok["metadata"].to_list(), ok["chat_id"].to_list(), user_field)
     return Corpus.build(
@@ -252,11 +253,7 @@ class LLMBackend:
                 self.cluster_client,
             )
 
-        embeddings = (
-            np.stack([inputs.embedding_of[c] for b in inputs.base_clusters for c in b.chat_ids])
-            if inputs.base_clusters
-            else np.zeros((0, 1))
-        )
+        embeddings = member_embeddings(inputs.base_clusters, inputs.embedding_of)
         top = choose_top_k(embeddings, inputs.max_top_clusters, inputs.seed)
         clusters, plans = build_hierarchy(
             inputs.base_clusters,

@@ -249,6 +249,8 @@ def nested_kmeans_labels(
     group_ids = np.unique(groups)
     if len(group_ids) <= 1:
         return kmeans_labels(embeddings, k, seed, init=init)
+    from kura_pipeline.core.identity import farthest_points  # identity imports this module
+
     # An earlier centroid belongs to the group of the conversation nearest to it: earlier
     # clusters were made inside the same groups, so each group restarts from its own clusters
     # (as many as it had) and a run over unchanged data gives the same clusters again.
@@ -262,8 +264,6 @@ def nested_kmeans_labels(
         if home is not None:
             mine = init[home == g][: len(rows)]
             if len(mine) and len(mine) < k_group:  # the group grew: new centres where it is farthest
-                from kura_pipeline.core.identity import farthest_points
-
                 mine = np.vstack([mine, farthest_points(embeddings[rows], mine, k_group - len(mine))])
             if len(mine):
                 group_init, k_group = mine, len(mine)

@@ -158,6 +158,14 @@ def _make_parents(
     return parents, promoted
 
 
+def member_embeddings(clusters: list[Cluster], embedding_of: dict[str, np.ndarray]) -> np.ndarray:
+    """The clusters' conversations' embeddings, in the embeddings' own order: the order
+    base_clusters partitioned them in, so the same k-means finds the same top-level groups."""
+    members = {chat for cluster in clusters for chat in cluster.chat_ids}
+    vectors = [vector for chat, vector in embedding_of.items() if chat in members]
+    return np.stack(vectors) if vectors else np.zeros((0, 1), dtype=np.float32)
+
+
 def level_targets(n_base: int, top_size: int, branching_factor: float) -> list[int]:
     """Cluster counts of the levels between the base and the top, bottom first."""
     targets: list[int] = []
@@ -189,10 +197,7 @@ def build_offline_hierarchy(
         return base
     means = np.stack([np.stack([embedding_of[chat] for chat in c.chat_ids]).mean(axis=0) for c in base])
     sizes = np.array([c.count for c in base], dtype=np.float64)
-    # In the embeddings' own order, as base_clusters partitioned them: the same k-means finds
-    # the same top-level groups the base clusters were made inside.
-    members = {chat for c in base for chat in c.chat_ids}
-    conversations = np.stack([vector for chat, vector in embedding_of.items() if chat in members])
+    conversations = member_embeddings(base, embedding_of)
     top = coarse_partition(conversations, min(max_top_clusters, len(base) - 1), seed=seed)
     top_size = int(top.max()) + 1
     if top_size >= len(base):

@@ -10,9 +10,9 @@ from kura_pipeline.core.render.markdown import escape_markdown
 from kura_pipeline.core.render.shown import WITHHELD_LINE, ShownTree, shown_tree
 
 
-def withheld_note(clusters: list[Cluster]) -> str | None:
+def withheld_note(clusters: list[Cluster], tree: ShownTree | None = None) -> str | None:
     """What a reader is told about what they are not shown (counts only)."""
-    tree = shown_tree(clusters)
+    tree = tree or shown_tree(clusters)
     if not tree.withheld_clusters:
         return None
     return (
@@ -67,7 +67,7 @@ def render_tree(clusters: list[Cluster], descriptions: bool = False, max_depth: 
     top = entries(None, tree.roots)
     for i, root in enumerate(top):
         walk(root, "", i == len(top) - 1, 0)
-    if note := withheld_note(clusters):
+    if note := withheld_note(clusters, tree):
         lines.append(f"({note})")
     return "\n".join(lines)
 
@@ -96,6 +96,6 @@ def render_markdown_tree(clusters: list[Cluster], max_depth: int = 3) -> str:
     for root in tree.roots:
         walk(root, 0)
     withheld_line(None, 0)
-    if note := withheld_note(clusters):
+    if note := withheld_note(clusters, tree):
         lines.append(f"\n_{note}_")
     return "\n".join(lines)
