@@ -45,20 +45,13 @@ from kura_pipeline.core.evaluate import labels_from_metadata, level_scores, mark
 from kura_pipeline.core.frames import frame_to_embeddings
 from kura_pipeline.core.models import Conversation, Message
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_evaluation import STAGES  # noqa: E402  (the same stages, evaluation included)
+
 DATASET = "persistbench"
 LABEL_FIELD = "category"
 SOURCE_PACKAGE = "inspect-evals==0.28.0"
 SOURCE_FILE = "persistbench/benchmark_samples/cross_domain.jsonl"
-STAGES = [
-    "raw_conversations",
-    "conversation_summaries",
-    "extracted_properties",
-    "summary_embeddings",
-    "base_clusters",
-    "meta_clusters",
-    "projections",
-    "evaluation",
-]
 CREATED_AT = datetime(2025, 1, 1, tzinfo=UTC)  # the queries carry no dates
 # Every query in this set is an ordinary request: all labels count as benign for calibration.
 BENIGN_LABELS: frozenset[str] | None = None  # None = every label
