@@ -232,6 +232,7 @@ def test_withheld_clusters_lend_no_words_to_their_parents():
     [label] = name_groups_offline(inputs)([[shown, hidden]])
     assert "zebra" not in f"{label.name} {label.description}".lower()
     assert label.description.startswith("12 conversations")  # the true count, withheld included
+    assert "Of the 6 in clusters shown:" in label.description  # what the shares that follow are of
     inputs.withheld_base = set()
     [label] = name_groups_offline(inputs)([[shown, hidden]])
     assert "zebra" in label.description.lower()  # the check above can fail

@@ -90,14 +90,15 @@ def _label_name(phrases: list[SharedPhrase], taken: set[str], tasks: list[str | 
             return name
     base = texts[0].capitalize() if texts else _tasks_name(tasks)
     known = Counter(t for t in tasks if t)
+    # No parentheses: every view prints the size in parentheses right after the name.
     if texts and known:  # say what kind of requests tell this one apart
-        with_task = f"{base} ({_task_plural(known.most_common(1)[0][0])})"
+        with_task = f"{base} · {_task_plural(known.most_common(1)[0][0])}"
         if with_task.lower() not in taken:
             return with_task
     n = 2
-    while f"{base} ({n})".lower() in taken:
+    while f"{base} #{n}".lower() in taken:
         n += 1
-    return f"{base} ({n})" if base.lower() in taken else base
+    return f"{base} #{n}" if base.lower() in taken else base
 
 
 def describe_offline(
@@ -107,6 +108,8 @@ def describe_offline(
     used by at least `min_conversations` of them) and the task types of a fixed vocabulary."""
     known = Counter(t for t in tasks if t)
     parts = [f"{count} conversations."]
+    if len(tasks) < count:  # the shares below are of the conversations a reader is shown
+        parts.append(f"Of the {len(tasks)} in clusters shown:")
     if known:
         shown = [f"{_task_plural(task)} ({100 * n / len(tasks):.0f}%)" for task, n in known.most_common(2)]
         parts.append("Mostly " + " and ".join(shown) + ".")
