@@ -125,7 +125,7 @@ def run_pipeline(args: argparse.Namespace, registry: Path, data_dir: Path) -> di
     from kura_pipeline.assets import ALL_ASSETS
     from kura_pipeline.assets.evaluation import evaluation
     from kura_pipeline.resources.embedder import EmbedderResource
-    from kura_pipeline.resources.io_manager import ParquetIOManager, StageReader
+    from kura_pipeline.resources.io_manager import storage_resources
     from kura_pipeline.resources.llm import LLMResource
     from kura_pipeline.resources.privacy import PrivacyPolicy
     from kura_pipeline.resources.registry import DatasetRegistry
@@ -140,8 +140,7 @@ def run_pipeline(args: argparse.Namespace, registry: Path, data_dir: Path) -> di
             instance=instance,
             run_config={"ops": {"evaluation": {"config": {"label_field": LABEL_FIELD}}}},
             resources={
-                "io_manager": ParquetIOManager(base_path=str(data_dir)),
-                "stages": StageReader(base_path=str(data_dir)),
+                **storage_resources(str(data_dir)),
                 "privacy": PrivacyPolicy(),
                 "registry": DatasetRegistry(path=str(registry)),
                 "llm": LLMResource(

@@ -183,7 +183,7 @@ def run_stage(workdir: Path, n: int, stage: str, profile: bool) -> dict[str, Any
 
     from kura_pipeline.assets import ALL_ASSETS
     from kura_pipeline.resources.embedder import EmbedderResource
-    from kura_pipeline.resources.io_manager import ParquetIOManager, StageReader
+    from kura_pipeline.resources.io_manager import storage_resources
     from kura_pipeline.resources.llm import LLMResource
     from kura_pipeline.resources.privacy import PrivacyPolicy
     from kura_pipeline.resources.registry import DatasetRegistry
@@ -225,8 +225,7 @@ def run_stage(workdir: Path, n: int, stage: str, profile: bool) -> dict[str, Any
             partition_key=dataset_name(n),
             instance=instance,
             resources={
-                "io_manager": ParquetIOManager(base_path=str(data_dir)),
-                "stages": StageReader(base_path=str(data_dir)),
+                **storage_resources(str(data_dir)),
                 "privacy": PrivacyPolicy(),
                 "registry": DatasetRegistry(path=str(workdir / "datasets.yaml")),
                 "llm": LLMResource(cache_path=str(workdir / "llm_cache.sqlite3")),

@@ -13,12 +13,11 @@ import pytest
 from dagster import SensorResult, SkipReason, build_sensor_context, instance_for_test, materialize
 
 from kura_pipeline.assets import ALL_ASSETS
-from kura_pipeline.assets.explorer import HtmlIOManager
 from kura_pipeline.core.batches import fingerprint, list_batch_files, load_batches
 from kura_pipeline.core.identity import farthest_points, match_lineage
 from kura_pipeline.core.models import Cluster
 from kura_pipeline.resources.embedder import EmbedderResource
-from kura_pipeline.resources.io_manager import ParquetIOManager, StageReader
+from kura_pipeline.resources.io_manager import storage_resources
 from kura_pipeline.resources.llm import LLMResource
 from kura_pipeline.resources.privacy import PrivacyPolicy
 from kura_pipeline.resources.registry import DatasetRegistry
@@ -111,9 +110,7 @@ def _run(instance, tmp_path: Path, server: LoopbackServer, partition: str, asset
         if "base_clusters" in [a.key.to_user_string() for a in assets]
         else None,
         resources={
-            "io_manager": ParquetIOManager(base_path=data),
-            "stages": StageReader(base_path=data),
-            "html_io_manager": HtmlIOManager(base_path=data),
+            **storage_resources(data),
             "privacy": PrivacyPolicy(),
             "registry": _registry(tmp_path),
             "llm": LLMResource(

@@ -30,7 +30,7 @@ from kura_pipeline.core.llm_cache import ResponseCache
 from kura_pipeline.core.static_embed import StaticEmbedder, StaticTable
 from kura_pipeline.core.summarise import read_request
 from kura_pipeline.resources.embedder import EmbedderResource
-from kura_pipeline.resources.io_manager import ParquetIOManager, StageReader
+from kura_pipeline.resources.io_manager import storage_resources
 from kura_pipeline.resources.llm import LLMResource
 from kura_pipeline.resources.privacy import PrivacyPolicy
 from kura_pipeline.resources.registry import DatasetRegistry
@@ -255,8 +255,7 @@ def test_summary_embeddings_asset_with_the_static_model(
             partition_key="topics",
             instance=instance,
             resources={
-                "io_manager": ParquetIOManager(base_path=str(data_dir)),
-                "stages": StageReader(base_path=str(data_dir)),
+                **storage_resources(str(data_dir)),
                 "privacy": PrivacyPolicy(),
                 "registry": DatasetRegistry(path=str(dataset_dir / "datasets.yaml")),
                 "llm": LLMResource(),

@@ -22,10 +22,9 @@ from dagster import AssetKey, DagsterEventType, DagsterInstance, DagsterRunStatu
 from upath import UPath
 
 from kura_pipeline.assets import ALL_ASSETS
-from kura_pipeline.assets.explorer import HtmlIOManager
 from kura_pipeline.definitions import defs
 from kura_pipeline.resources.embedder import EmbedderResource
-from kura_pipeline.resources.io_manager import ParquetIOManager, StageReader
+from kura_pipeline.resources.io_manager import storage_resources
 from kura_pipeline.resources.llm import LLMResource
 from kura_pipeline.resources.privacy import PrivacyPolicy
 from kura_pipeline.resources.registry import DatasetRegistry
@@ -242,9 +241,7 @@ def test_the_shipped_dagster_yaml_keeps_runs_and_materialisations_in_postgres(
             partition_key="topics",
             instance=instance,
             resources={
-                "io_manager": ParquetIOManager(base_path=data_url),
-                "stages": StageReader(base_path=data_url),
-                "html_io_manager": HtmlIOManager(base_path=data_url),
+                **storage_resources(data_url),
                 "privacy": PrivacyPolicy(),
                 "registry": DatasetRegistry(path=str(dataset_dir / "datasets.yaml")),
                 "llm": LLMResource(cache_path=str(tmp_path / "llm.sqlite3")),

@@ -20,7 +20,7 @@ from kura_pipeline.core.llm import LLMClient, LLMFailure
 from kura_pipeline.core.models import Conversation, ExtractedProperty
 from kura_pipeline.core.prompts import Prompt
 from kura_pipeline.resources.embedder import EmbedderResource
-from kura_pipeline.resources.io_manager import ParquetIOManager, StageReader
+from kura_pipeline.resources.io_manager import storage_resources
 from kura_pipeline.resources.llm import LLMResource, NamedLLMClient, clients_from_file
 from kura_pipeline.resources.privacy import PrivacyPolicy
 from kura_pipeline.resources.registry import DatasetRegistry
@@ -99,8 +99,7 @@ def test_each_stage_calls_its_own_client_and_reports_its_cost(tmp_path: Path, da
                     }
                 },
                 resources={
-                    "io_manager": ParquetIOManager(base_path=data_dir),
-                    "stages": StageReader(base_path=data_dir),
+                    **storage_resources(data_dir),
                     "privacy": PrivacyPolicy(),
                     "registry": DatasetRegistry(path=str(dataset_dir / "datasets.yaml")),
                     "llm": llm,

@@ -9,13 +9,12 @@ import pytest
 from dagster import instance_for_test, materialize
 
 from kura_pipeline.assets import ALL_ASSETS
-from kura_pipeline.assets.explorer import HtmlIOManager
 from kura_pipeline.core.frames import frame_to_clusters
 from kura_pipeline.core.models import Cluster, Conversation, Message
 from kura_pipeline.core.privacy import AggregationThreshold, scrub_pii, withheld_cluster_ids
 from kura_pipeline.core.render.tree import render_markdown_tree, render_tree
 from kura_pipeline.resources.embedder import EmbedderResource
-from kura_pipeline.resources.io_manager import ParquetIOManager, StageReader
+from kura_pipeline.resources.io_manager import storage_resources
 from kura_pipeline.resources.llm import LLMResource
 from kura_pipeline.resources.privacy import PrivacyPolicy
 from kura_pipeline.resources.registry import DatasetRegistry
@@ -95,9 +94,7 @@ def test_seeded_pii_reaches_no_output_a_person_reads(tmp_path):
             instance=instance,
             run_config={"ops": {"base_clusters": {"config": {"conversations_per_cluster": 4}}}},
             resources={
-                "io_manager": ParquetIOManager(base_path=str(data)),
-                "stages": StageReader(base_path=str(data)),
-                "html_io_manager": HtmlIOManager(base_path=str(data)),
+                **storage_resources(str(data)),
                 "privacy": PrivacyPolicy(min_cluster_conversations=3, min_cluster_users=2),
                 "registry": DatasetRegistry(path=str(tmp_path / "datasets.yaml")),
                 "llm": LLMResource(),

@@ -139,3 +139,34 @@ def test_an_input_can_ask_for_some_columns_only(tmp_path: Path):
     assert result.success
     assert pl.read_parquet(tmp_path / "narrow" / "alpha.parquet").columns == ["chat_id", "dataset"]
     assert len(pl.read_parquet(tmp_path / "upstream" / "alpha.parquet").columns) == 4
+
+
+@asset(partitions_def=partitions, io_manager_key="html_io_manager")
+def page(downstream: pl.DataFrame) -> str:
+    return f"<html>{downstream.height} rows</html>"
+
+
+def test_every_stage_is_stored_exactly_where_the_storage_layout_says(tmp_path: Path):
+    # One module owns the layout: the CLI, the notebook API and StageReader read from the paths
+    # it gives, so the IO managers must write exactly there, tables and pages alike.
+    from dagster import DagsterInstance
+
+    from kura_pipeline.resources.io_manager import storage_resources
+    from kura_pipeline.resources.storage import StageReader, page_path, stage_path, table_rows
+
+    base = str(tmp_path / "data")
+    with DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions("datasets", ["alpha"])
+        result = materialize(
+            [upstream, downstream, page],
+            partition_key="alpha",
+            instance=instance,
+            resources=storage_resources(base),
+        )
+    assert result.success
+    assert table_rows(stage_path(base, "downstream", "alpha")) == 2
+    assert table_rows(stage_path(base, "downstream", "beta")) is None
+    assert page_path(base, "alpha", asset="page").read_text() == "<html>2 rows</html>"
+    assert StageReader(base_path=base).read("upstream", "alpha")["chat_id"].to_list() == ["a", "b"]
+    written = sorted(str(path.relative_to(tmp_path / "data")) for path in (tmp_path / "data").rglob("*.*"))
+    assert written == ["downstream/alpha.parquet", "page/alpha.html", "upstream/alpha.parquet"]

@@ -5,23 +5,16 @@ stays a plain function of its inputs, and where pages go (a local folder or an f
 same base path as the Parquet tables) is configured once, with the other resources.
 """
 
-from typing import Any
-
 import polars as pl
 from dagster import (
     AssetExecutionContext,
     AssetKey,
     AssetRecordsFilter,
     Config,
-    ConfigurableIOManagerFactory,
-    InputContext,
     MetadataValue,
     Output,
-    OutputContext,
-    UPathIOManager,
     asset,
 )
-from upath import UPath
 
 from kura_pipeline.core.render.explorer import (
     build_explorer_data,
@@ -31,32 +24,11 @@ from kura_pipeline.core.render.explorer import (
     top_clusters_markdown,
 )
 from kura_pipeline.partitions import datasets_partitions
+from kura_pipeline.resources.io_manager import HtmlIOManager, HtmlUPathIOManager
 from kura_pipeline.resources.privacy import PrivacyPolicy
 
-
-class HtmlUPathIOManager(UPathIOManager):
-    """`<base>/<asset key>/<partition>.html`, written whole or not at all."""
-
-    extension = ".html"
-
-    def dump_to_path(self, context: OutputContext, obj: str, path: UPath) -> None:
-        from kura_pipeline.resources.io_manager import write_atomically
-
-        # A sibling of its own, then an atomic replace: a browser never opens a half-written
-        # page, even while another process writes the same one (object stores: one upload).
-        write_atomically(path, obj.encode("utf-8"))
-
-    def load_from_path(self, context: InputContext, path: UPath) -> str:
-        return path.read_text(encoding="utf-8")
-
-
-class HtmlIOManager(ConfigurableIOManagerFactory):
-    """Where HTML pages go: the same base path as the Parquet tables (default `data`)."""
-
-    base_path: str = "data"
-
-    def create_io_manager(self, context: Any) -> HtmlUPathIOManager:
-        return HtmlUPathIOManager(base_path=UPath(self.base_path))
+# Where the page is stored is the IO manager's (resources/io_manager.py); kept importable here.
+__all__ = ["HtmlIOManager", "HtmlUPathIOManager"]
 
 
 def summaries_backend(context: AssetExecutionContext) -> str | None:

@@ -8,9 +8,11 @@ import asyncio
 import contextlib
 import email.utils
 import functools
+import hashlib
 import inspect
 import json
 import random
+import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -20,13 +22,13 @@ from typing import Any, TypeVar
 import instructor
 import openai
 import openai.resources.chat  # noqa: F401 - imported lazily on first use otherwise: 1-2 s inside a stage
-from aiolimiter import AsyncLimiter
 from instructor.core import InstructorRetryException
 from pydantic import BaseModel, ValidationError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from kura_pipeline.core.llm_cache import ResponseCache, cache_key, schema_text
 from kura_pipeline.core.prompts import Prompt
+from kura_pipeline.core.redact import install_redaction, redact
 
 T = TypeVar("T", bound=BaseModel)
 R = TypeVar("R")
@@ -58,6 +60,11 @@ DEFAULT_READ_TIMEOUT_SECONDS = 60.0
 # A request the endpoint sat on for a whole read timeout is tried once more, not max_attempts
 # times: a stall that outlasts two timeouts is an outage, and repeating it only delays the report.
 MAX_TIMEOUT_ATTEMPTS = 2
+# What an endpoint that needs no key is sent (the openai client insists on one).
+NO_KEY = "not-needed"
+# A request another process is paying for: look for its answer this often (doubling to the cap).
+CLAIM_FIRST_POLL_SECONDS = 0.05
+CLAIM_MAX_POLL_SECONDS = 1.0
 KEY_REFUSED = "the endpoint refused the key (HTTP {status})"
 STAGE_DEADLINE_PASSED = "stage deadline passed"
 
@@ -107,7 +114,7 @@ def settings_problems(values: dict[str, float | None]) -> list[str]:
 class LLMSettings:
     model: str
     base_url: str | None = None
-    api_key: str = "not-needed"
+    api_key: str = NO_KEY
     mode: str = "json_schema"
     name: str = "default"
     max_concurrency: int = 8
@@ -288,6 +295,12 @@ def response_schema_text(response_model: type[BaseModel]) -> str:
 
 
 def describe(error: BaseException) -> str:
+    """Why a call failed, as stored with the record and shown in messages: never with a key in
+    it (an endpoint or a library may echo one in an error's text)."""
+    return redact(_describe(error))
+
+
+def _describe(error: BaseException) -> str:
     error = _root_cause(error)
     if isinstance(error, KeyRefused):
         return str(error)
@@ -311,18 +324,88 @@ def estimate_tokens(messages: list[dict[str, str]], schema: str, max_output_toke
     return prompt + (max_output_tokens or DEFAULT_OUTPUT_TOKEN_ESTIMATE)
 
 
-def request_limiter(per_minute: int) -> AsyncLimiter:
+class Budget:
+    """A leaky bucket of one per-minute budget (requests or tokens), shared by every event loop
+    and thread of the process.
+
+    `acquire` reserves its amount at once and sleeps until the bucket has drained enough for
+    it: reservations are served in the order they were made, and the state is plain numbers
+    behind a lock, so a stage's next event loop (each `asyncio.run` is a new one) starts from
+    the level the last one left. aiolimiter, used before, keeps its waiters in one loop and
+    warns when reused in another; a fresh limiter per loop reset the budget at every stage.
+    """
+
+    def __init__(self, capacity: float, per_second: float):
+        self.max_rate = capacity  # the largest single reservation (aiolimiter's name for it)
+        self.per_second = per_second
+        self._level = 0.0
+        self._last = time.monotonic()
+        self._lock = threading.Lock()
+
+    def reserve(self, amount: float) -> float:
+        """Take `amount` from the budget; the seconds to wait before using it."""
+        with self._lock:
+            now = time.monotonic()
+            self._level = max(0.0, self._level - (now - self._last) * self.per_second)
+            self._last = now
+            wait = max(0.0, (self._level + amount - self.max_rate) / self.per_second)
+            self._level += amount
+            return wait
+
+    async def acquire(self, amount: float = 1.0) -> None:
+        if (wait := self.reserve(amount)) > 0:
+            await asyncio.sleep(wait)
+
+
+def request_limiter(per_minute: int) -> Budget:
     """Requests per minute, spread out: a burst of at most one second's share (at least one), so
     a run does not spend a minute's budget in its first instant and then stall (endpoints often
     enforce their per-minute limits over shorter windows)."""
-    burst = max(1.0, per_minute / 60)
-    return AsyncLimiter(burst, 60 * burst / per_minute)
+    return Budget(max(1.0, per_minute / 60), per_minute / 60)
 
 
-def token_limiter(per_minute: int) -> AsyncLimiter:
+def token_limiter(per_minute: int) -> Budget:
     """Tokens per minute in ten-second steps: a request reserves its expected tokens; one larger
     than a step's share is charged a whole step, so it waits its turn but is never stuck."""
-    return AsyncLimiter(per_minute / 6, 10)
+    return Budget(per_minute / 6, per_minute / 60)
+
+
+@dataclass
+class EndpointLimits:
+    """What one endpoint allows this process, whichever stage, client object or event loop
+    asks: the per-minute budgets, the shared Retry-After pause and the pacing of starts."""
+
+    requests: Budget | None
+    tokens: Budget | None
+    resume_at: float = 0.0  # monotonic time before which no request starts (Retry-After)
+    next_start: float = 0.0  # monotonic time before which the next request does not start
+    latency: float | None = None  # moving average of a successful call's duration
+
+
+_PROCESS_LIMITS: dict[tuple[Any, ...], EndpointLimits] = {}
+_PROCESS_LIMITS_LOCK = threading.Lock()
+
+
+def process_limits(settings: LLMSettings) -> EndpointLimits:
+    """The process's one `EndpointLimits` for a client's endpoint, model, key and limits: each
+    stage builds its own `LLMClient`, and the budgets must not restart with it."""
+    key_digest = hashlib.sha256(settings.api_key.encode()).hexdigest()
+    identity = (
+        settings.name,
+        settings.base_url,
+        settings.model,
+        key_digest,
+        settings.requests_per_minute,
+        settings.tokens_per_minute,
+    )
+    with _PROCESS_LIMITS_LOCK:
+        if identity not in _PROCESS_LIMITS:
+            rpm, tpm = settings.requests_per_minute, settings.tokens_per_minute
+            _PROCESS_LIMITS[identity] = EndpointLimits(
+                requests=request_limiter(rpm) if rpm else None,
+                tokens=token_limiter(tpm) if tpm else None,
+            )
+        return _PROCESS_LIMITS[identity]
 
 
 class LLMClient:
@@ -343,16 +426,16 @@ class LLMClient:
         self.settings = settings
         self.cache = cache
         self.stats = LLMStats()
+        if settings.api_key != NO_KEY:
+            install_redaction([settings.api_key])  # however the client was built, never logged
         self.log = log or (lambda message: None)
         self._semaphore: asyncio.Semaphore | None = None
-        self._request_limiter: AsyncLimiter | None = None
-        self._token_limiter: AsyncLimiter | None = None
+        # Budgets, Retry-After pause and pacing are the process's, shared with every other
+        # client object of the same endpoint (each stage builds its own).
+        self._limits = process_limits(settings)
         self._client: Any = None
         self._raw: openai.AsyncOpenAI | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._resume_at = 0.0  # monotonic time before which no request starts (Retry-After)
-        self._latency: float | None = None  # moving average of a successful call's duration
-        self._next_start = 0.0  # monotonic time before which the next request does not start
         self._refused: str | None = None  # set by the first 401/403: no request is sent after it
         self._deadline: float | None = None  # monotonic end of the stage (stage_deadline_seconds)
         self._in_flight: dict[str, asyncio.Future[Any]] = {}  # cache key -> the answer on its way
@@ -368,17 +451,14 @@ class LLMClient:
     def name(self) -> str:
         return self.settings.name
 
-    # The asyncio objects belong to one event loop: build them inside it, anew for a new loop
-    # (each asset step runs its own `asyncio.run`).
+    # The semaphore and the HTTP client belong to one event loop: built inside it, anew for a new
+    # loop (each asset step runs its own `asyncio.run`, one at a time in a process, so the
+    # concurrency limit holds per process too). The budgets are the process's (`process_limits`).
     def _ensure_loop_state(self) -> None:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             self._loop = loop
             self._semaphore = asyncio.Semaphore(self.settings.max_concurrency)
-            if self.settings.requests_per_minute:
-                self._request_limiter = request_limiter(self.settings.requests_per_minute)
-            if self.settings.tokens_per_minute:
-                self._token_limiter = token_limiter(self.settings.tokens_per_minute)
             self._in_flight = {}
             self._raw = openai.AsyncOpenAI(
                 base_url=self.settings.base_url,
@@ -421,7 +501,7 @@ class LLMClient:
         server_says = retry_after_seconds(error) if error else None
         if server_says:
             # The endpoint's limit is shared: every request of this client waits, not only this one.
-            self._resume_at = max(self._resume_at, time.monotonic() + server_says)
+            self._limits.resume_at = max(self._limits.resume_at, time.monotonic() + server_says)
         return max(backoff, server_says or 0.0)
 
     def _count_retry(self, state: RetryCallState) -> None:
@@ -509,8 +589,15 @@ class LLMClient:
             )
 
         deadline = asyncio.timeout_at(self._deadline)  # None: no deadline
+        claimed = False
         try:
             async with deadline:
+                if self.cache is not None:
+                    # Another process may be paying for this very answer: wait for it instead.
+                    if (paid := await self._claim_or_wait(key)) is not None:
+                        self.stats.cache_hits += 1
+                        return response_model.model_validate_json(paid)
+                    claimed = True
                 async for attempt in AsyncRetrying(
                     stop=give_up,
                     wait=self._wait,
@@ -528,12 +615,41 @@ class LLMClient:
                 self._refused = KEY_REFUSED.format(status=status)
                 self.log(f"{self.name}: {self._refused}; no further request is sent")
             return self._fail(describe(error))
-        if self.cache is not None:  # stored (committed) before the answer is used
-            await asyncio.to_thread(self.cache.put, key, prompt.key, result.model_dump_json())
-        return result
+        else:
+            if self.cache is not None:  # stored (committed) before the answer is used
+                await asyncio.to_thread(self.cache.put, key, prompt.key, result.model_dump_json())
+            return result
+        finally:
+            # After the answer is stored, so a waiting process finds one or the other; a failed
+            # or cancelled call releases too, and a waiter then tries for itself. Synchronous: it
+            # must happen even while this task is being cancelled.
+            if claimed and self.cache is not None:
+                self.cache.release(key)
+
+    @property
+    def claim_lease_seconds(self) -> float:
+        """How long another host's process trusts our claim on a key: every attempt timing out
+        and backing off as long as allowed (a process on this host is checked directly)."""
+        s = self.settings
+        return s.max_attempts * (s.connect_timeout_seconds + s.read_timeout + s.max_backoff_seconds)
+
+    async def _claim_or_wait(self, key: str) -> str | None:
+        """Claim `key` (None: ours to pay for), or the answer another process paid for it."""
+        assert self.cache is not None
+        poll = CLAIM_FIRST_POLL_SECONDS
+        while not await asyncio.to_thread(self.cache.claim, key, self.claim_lease_seconds):
+            await asyncio.sleep(poll)
+            poll = min(2 * poll, CLAIM_MAX_POLL_SECONDS)
+            if (answer := await asyncio.to_thread(self.cache.get, key)) is not None:
+                return answer
+        # The holder may have stored its answer and let go between our lookup and our claim.
+        if (answer := await asyncio.to_thread(self.cache.get, key)) is not None:
+            await asyncio.to_thread(self.cache.release, key)
+            return answer
+        return None
 
     async def _pause_if_asked(self) -> None:
-        while (pause := self._resume_at - time.monotonic()) > 0:
+        while (pause := self._limits.resume_at - time.monotonic()) > 0:
             await asyncio.sleep(pause)
 
     async def _pace(self) -> None:
@@ -546,11 +662,12 @@ class LLMClient:
         wave's parsing (measured: ~9 % over the floor at 20 slots). Evenly spaced starts keep
         the replies, and the work on them, apart."""
         spacing = 0.0
-        if self._latency is not None:
-            spacing = min(PACING_SHARE * self._latency / self.settings.max_concurrency, MAX_PACING_SECONDS)
+        limits = self._limits
+        if limits.latency is not None:
+            spacing = min(PACING_SHARE * limits.latency / self.settings.max_concurrency, MAX_PACING_SECONDS)
         now = time.monotonic()
-        start = max(now, self._next_start)
-        self._next_start = start + spacing
+        start = max(now, limits.next_start)
+        limits.next_start = start + spacing
         if start > now:
             await asyncio.sleep(start - now)
 
@@ -559,11 +676,12 @@ class LLMClient:
         if self._refused:
             raise KeyRefused(self._refused)
         await self._pause_if_asked()
-        if self._request_limiter is not None:
-            await self._request_limiter.acquire()
-        if self._token_limiter is not None:
-            estimate = min(estimate, int(self._token_limiter.max_rate))
-            await self._token_limiter.acquire(estimate)
+        requests, tokens = self._limits.requests, self._limits.tokens
+        if requests is not None:
+            await requests.acquire()
+        if tokens is not None:
+            estimate = min(estimate, int(tokens.max_rate))
+            await tokens.acquire(estimate)
         async with self._semaphore:
             await self._pause_if_asked()  # a 429 may have come while this request queued
             if self._refused:  # a 401 may have come while this request queued
@@ -591,17 +709,18 @@ class LLMClient:
                 self.stats.output_tokens += received
                 raise
             took = time.monotonic() - sent_at
-            self._latency = took if self._latency is None else 0.8 * self._latency + 0.2 * took
+            latency = self._limits.latency
+            self._limits.latency = took if latency is None else 0.8 * latency + 0.2 * took
         usage = getattr(completion, "usage", None)
         used = 0
         if usage is not None:
             self.stats.input_tokens += usage.prompt_tokens or 0
             self.stats.output_tokens += usage.completion_tokens or 0
             used = (usage.prompt_tokens or 0) + (usage.completion_tokens or 0)
-        if self._token_limiter is not None and used > estimate:
+        if tokens is not None and used > estimate:
             # The reply was longer than reserved: take the rest from the bucket, so the next
             # requests wait for it.
-            await self._token_limiter.acquire(min(used - estimate, int(self._token_limiter.max_rate)))
+            await tokens.acquire(min(used - estimate, int(tokens.max_rate)))
         return result
 
     async def gather(self, calls: Sequence[Awaitable[Any]], label: str) -> list[Any]:

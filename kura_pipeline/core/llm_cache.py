@@ -6,6 +6,13 @@ already paid for, and a re-run finds them by key. `synchronous=NORMAL` skips the
 commit (4 ms each here, blocking the event loop); a killed process loses nothing with it, only
 a power cut or OS crash can lose the last few answers, which a re-run then asks for again.
 Several processes may share one file (WAL allows readers alongside one writer).
+
+Claims: two processes on one dataset (two `kura-pipeline run`s, a CLI run beside a Dagster UI
+run) would both pay for every answer. Before it sends a request, a process claims the request's
+key in the `claims` table; another process that finds the key claimed waits for the answer to
+appear instead of paying for it, and claims the key itself when the claim is released without
+an answer (the call failed) or its holder is gone: a process on this host that no longer
+exists (a `kill -9` frees its claims at once), or a claim past its lease (a holder elsewhere).
 """
 
 from __future__ import annotations
@@ -13,8 +20,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
+import socket
 import sqlite3
 import threading
+import time
+import uuid
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -37,6 +48,26 @@ def cache_key(model: str, prompt_key: str, messages: list[dict[str, str]], schem
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
+HOST = socket.gethostname()
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process, but it exists
+        return True
+    return True
+
+
+def claim_is_live(host: str, pid: int, expires: float, now: float) -> bool:
+    """A claim still stands while its lease runs and, on this host, while its process exists."""
+    if expires <= now:
+        return False
+    return host != HOST or process_exists(pid)
+
+
 class ResponseCache:
     """Answers by key; safe to share between threads (one connection behind a lock)."""
 
@@ -52,6 +83,12 @@ class ResponseCache:
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, prompt TEXT, body TEXT)"
         )
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS claims "
+            "(key TEXT PRIMARY KEY, owner TEXT, host TEXT, pid INTEGER, expires REAL)"
+        )
+        # One owner per cache object: a second stage of this process waits for the first, too.
+        self.owner = f"{HOST}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
 
     def get(self, key: str) -> str | None:
         with self._lock:
@@ -65,6 +102,31 @@ class ResponseCache:
                 "INSERT OR REPLACE INTO responses (key, prompt, body) VALUES (?, ?, ?)",
                 (key, prompt_key, body),
             )
+
+    def claim(self, key: str, lease_seconds: float) -> bool:
+        """Claim `key` for this cache object's requests: True when it is ours now, False while
+        another live holder has it (its answer is on the way: wait for `get`)."""
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")  # read and write as one: two claimers, one winner
+            try:
+                row = self._db.execute(
+                    "SELECT owner, host, pid, expires FROM claims WHERE key = ?", (key,)
+                ).fetchone()
+                if row is not None and row[0] != self.owner and claim_is_live(row[1], row[2], row[3], now):
+                    return False
+                self._db.execute(
+                    "INSERT OR REPLACE INTO claims (key, owner, host, pid, expires) VALUES (?, ?, ?, ?, ?)",
+                    (key, self.owner, HOST, os.getpid(), now + lease_seconds),
+                )
+                return True
+            finally:
+                self._db.execute("COMMIT")
+
+    def release(self, key: str) -> None:
+        """Give up this object's claim on `key` (after its answer is stored, or its call failed)."""
+        with self._lock:
+            self._db.execute("DELETE FROM claims WHERE key = ? AND owner = ?", (key, self.owner))
 
     def __len__(self) -> int:
         with self._lock:

@@ -1,23 +1,19 @@
-"""Every asset partition as one Parquet file, read and written with polars.
+"""The IO managers: every table stage's partition as one Parquet file (polars), the explorer's
+as one HTML page, each written whole or not at all.
 
-Dagster's UPathIOManager does the path work (`<base>/<asset key>/<partition>.parquet`) on a
-local folder or any fsspec URL (`s3://`, `gs://`, `memory://`, `file://`), so one code path
-serves both. A table whose content did not change is not rewritten: a re-run with nothing
-new changes no file.
+Dagster's UPathIOManager does the path work on a local folder or any fsspec URL, so one code
+path serves both; the layout and the atomic write are resources/storage.py's. A table whose
+content did not change is not rewritten: a re-run with nothing new changes no file.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
-import uuid
 from typing import Any
 
 import polars as pl
 from dagster import (
     ConfigurableIOManagerFactory,
-    ConfigurableResource,
     InputContext,
     MetadataValue,
     OutputContext,
@@ -26,17 +22,23 @@ from dagster import (
 from upath import UPath
 
 from kura_pipeline.core.frames import parquet_bytes
+from kura_pipeline.resources.storage import (
+    DEFAULT_DATA_DIR,
+    PAGE_EXTENSION,
+    TABLE_EXTENSION,
+    StageReader,
+    stage_path,
+    write_atomically,
+)
+
+# Names other modules imported from here before the layout had a module of its own.
+__all__ = ["ParquetIOManager", "HtmlIOManager", "StageReader", "stage_path", "write_atomically"]
 
 CONTENT_HASH_KEY = "content_sha256"
 
 
-def stage_path(base_path: str, asset: str, partition: str) -> UPath:
-    """Where a stage's table for one dataset lives (the same layout UPathIOManager uses)."""
-    return UPath(base_path) / asset / f"{partition}.parquet"
-
-
 class PolarsParquetUPathIOManager(UPathIOManager):
-    extension = ".parquet"
+    extension = TABLE_EXTENSION
 
     def dump_to_path(self, context: OutputContext, obj: pl.DataFrame, path: UPath) -> None:
         if not isinstance(obj, pl.DataFrame):
@@ -72,59 +74,42 @@ def _sha256_of(path: UPath) -> str:
         return hashlib.sha256(file.read()).hexdigest()
 
 
-LOCAL_PROTOCOLS = ("", "file", "local")
-
-
-def partial_name(path: UPath) -> UPath:
-    """A sibling no other write uses: `<file>.<pid>.<uuid>.partial`. Two processes (or threads)
-    writing the same stage never share a temporary file, so neither tears the other's."""
-    return path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex}.partial")
-
-
-def write_atomically(path: UPath, data: bytes) -> None:
-    """`data` at `path`, whole or not at all: a reader sees the old file or the new one, never a
-    part, however many writers race. On local disk (and in memory) a unique sibling, then an
-    atomic replace; on an object store an upload is complete when it returns."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.protocol in LOCAL_PROTOCOLS:
-        local = path.path if path.protocol else str(path)
-        partial = f"{local}.{os.getpid()}.{uuid.uuid4().hex}.partial"
-        try:
-            with open(partial, "wb") as file:
-                file.write(data)
-            os.replace(partial, local)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(partial)
-            raise
-    elif path.protocol == "memory":
-        partial_path = partial_name(path)
-        with partial_path.open("wb") as file:
-            file.write(data)
-        partial_path.rename(path)
-    else:  # object stores have no rename: the upload is complete when `close` returns
-        with path.open("wb") as file:
-            file.write(data)
-
-
 class ParquetIOManager(ConfigurableIOManagerFactory):
     """Where the stages live: a local folder (default `data`) or an fsspec URL."""
 
-    base_path: str = "data"
+    base_path: str = DEFAULT_DATA_DIR
 
     def create_io_manager(self, context: Any) -> PolarsParquetUPathIOManager:
         return PolarsParquetUPathIOManager(base_path=UPath(self.base_path))
 
 
-class StageReader(ConfigurableResource):
-    """Reads a stage's last stored table: how a stage sees its own previous result (e.g. the
-    clusters of the last run, to keep their identity). Points at the IO manager's base path."""
+class HtmlUPathIOManager(UPathIOManager):
+    """`<base>/<asset key>/<partition>.html`, written whole or not at all."""
 
-    base_path: str = "data"
+    extension = PAGE_EXTENSION
 
-    def read(self, asset: str, partition: str) -> pl.DataFrame | None:
-        path = stage_path(self.base_path, asset, partition)
-        if not path.exists():
-            return None
-        with path.open("rb") as file:
-            return pl.read_parquet(file)
+    def dump_to_path(self, context: OutputContext, obj: str, path: UPath) -> None:
+        # A sibling of its own, then an atomic replace: a browser never opens a half-written
+        # page, even while another process writes the same one (object stores: one upload).
+        write_atomically(path, obj.encode("utf-8"))
+
+    def load_from_path(self, context: InputContext, path: UPath) -> str:
+        return path.read_text(encoding="utf-8")
+
+
+class HtmlIOManager(ConfigurableIOManagerFactory):
+    """Where HTML pages go: the same base path as the Parquet tables (default `data`)."""
+
+    base_path: str = DEFAULT_DATA_DIR
+
+    def create_io_manager(self, context: Any) -> HtmlUPathIOManager:
+        return HtmlUPathIOManager(base_path=UPath(self.base_path))
+
+
+def storage_resources(base_path: str) -> dict[str, Any]:
+    """The three resources that read and write a data dir, as every Definitions needs them."""
+    return {
+        "io_manager": ParquetIOManager(base_path=base_path),
+        "stages": StageReader(base_path=base_path),
+        "html_io_manager": HtmlIOManager(base_path=base_path),
+    }

@@ -1,0 +1,53 @@
+"""A run killed mid-way is shown as failed the next time the instance starts a run (issue #13,
+item 8): a real process runs a job in-process on a real instance, is killed with SIGKILL, and
+`fail_abandoned_runs` (which the CLI calls before it runs or lists) reports the run failed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+
+from kura_pipeline.run_health import RUN_HOST_TAG, RUN_PID_TAG, fail_abandoned_runs, in_process_run_tags
+
+SCRIPT = Path(__file__).parent / "scripts" / "run_and_hang.py"
+
+
+def test_a_killed_in_process_run_is_marked_failed_and_a_live_one_is_not(tmp_path, monkeypatch):
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    environment = {**os.environ, "DAGSTER_HOME": str(tmp_path)}
+    worker = subprocess.Popen([sys.executable, str(SCRIPT)], env=environment)
+    live = subprocess.Popen([sys.executable, str(SCRIPT)], env=environment)
+    try:
+        with DagsterInstance.get() as instance:
+            end = time.monotonic() + 120
+            while len(instance.get_runs(filters=RunsFilter(statuses=[DagsterRunStatus.STARTED]))) < 2:
+                assert time.monotonic() < end, "the runs never started"
+                time.sleep(0.2)
+            os.kill(worker.pid, signal.SIGKILL)
+            worker.wait()
+            killed = instance.get_runs(filters=RunsFilter(tags={RUN_PID_TAG: str(worker.pid)}))[0]
+            assert killed.status == DagsterRunStatus.STARTED  # Dagster alone never learns of it
+
+            assert fail_abandoned_runs(instance) == [killed.run_id]
+            assert instance.get_run_by_id(killed.run_id).status == DagsterRunStatus.FAILURE
+            messages = [record.message for record in instance.all_logs(killed.run_id)]
+            assert any(f"pid {worker.pid}" in message and "killed" in message for message in messages)
+            still = instance.get_runs(filters=RunsFilter(tags={RUN_PID_TAG: str(live.pid)}))[0]
+            assert still.status == DagsterRunStatus.STARTED  # its process lives: left alone
+            assert fail_abandoned_runs(instance) == []  # and nothing twice
+    finally:
+        for process in (worker, live):
+            process.kill()
+            process.wait()
+
+
+def test_the_tags_name_this_host_and_process():
+    tags = in_process_run_tags()
+    assert tags[RUN_PID_TAG] == str(os.getpid()) and tags[RUN_HOST_TAG]
