@@ -17,6 +17,7 @@ from kura_pipeline.core.llm import (
     DEFAULT_CONNECT_TIMEOUT_SECONDS,
     DEFAULT_MAX_FAILURE_SHARE,
     DEFAULT_READ_TIMEOUT_SECONDS,
+    NO_KEY,
     SETTING_RANGES,
     LLMClient,
     LLMSettings,
@@ -44,15 +45,11 @@ class CheckedNumbers:
         return self
 
 
-class NamedLLMClient(CheckedNumbers, Config):
-    """Another OpenAI-compatible endpoint, with limits and prices of its own (Kura's named
-    `clients`): a cheap model for extractors, a strong one for cluster names, a second key's quota.
-    The key is read from the environment variable `api_key_env` when the client is built, so it
-    never sits in run config, the UI or logs."""
+class LLMClientLimits(CheckedNumbers, Config):
+    """What every client (the resource's `default` and each named one) may set about how it
+    calls its endpoint: declared once here, turned into the engine's `LLMSettings` by
+    `engine_settings`. Numbers are checked when the config is built."""
 
-    model: str
-    base_url: str | None = None
-    api_key_env: str | None = None
     mode: Mode = "json_schema"
     max_concurrency: int = 8
     requests_per_minute: int | None = None
@@ -61,16 +58,31 @@ class NamedLLMClient(CheckedNumbers, Config):
     input_price_per_million: float | None = None
     output_price_per_million: float | None = None
     connect_timeout_seconds: float = DEFAULT_CONNECT_TIMEOUT_SECONDS
-    read_timeout_seconds: float = DEFAULT_READ_TIMEOUT_SECONDS
     timeout_seconds: float | None = None  # the old single timeout: the read timeout when given
     max_attempts: int = 4
     temperature: float = 0.0
-    # None: the resource's own setting.
-    max_failure_share: float | None = None
     stage_deadline_seconds: float | None = None
 
 
-class LLMResource(CheckedNumbers, ConfigurableResource):
+# The fields above, as `LLMSettings` takes them.
+LIMIT_FIELDS = frozenset(LLMClientLimits.model_fields)
+
+
+class NamedLLMClient(LLMClientLimits):
+    """Another OpenAI-compatible endpoint, with limits and prices of its own (Kura's named
+    `clients`): a cheap model for extractors, a strong one for cluster names, a second key's quota.
+    The key is read from the environment variable `api_key_env` when the client is built, so it
+    never sits in run config, the UI or logs."""
+
+    model: str
+    base_url: str | None = None
+    api_key_env: str | None = None
+    read_timeout_seconds: float = DEFAULT_READ_TIMEOUT_SECONDS
+    # None: the resource's own setting.
+    max_failure_share: float | None = None
+
+
+class LLMResource(LLMClientLimits, ConfigurableResource):
     """`offline`: no model; summaries from the user's own words, names from distinctive terms.
     `openai`: OpenAI, Gemini's OpenAI endpoint, vLLM, Ollama, llama.cpp... through instructor.
     `local`: llama.cpp's own server started in-process (xllamacpp) on 127.0.0.1 with
@@ -97,23 +109,11 @@ class LLMResource(CheckedNumbers, ConfigurableResource):
     base_url: str | None = None
     model: str = "gpt-4o-mini"
     api_key: str | None = None
-    mode: Mode = "json_schema"
-    max_concurrency: int = 8
-    requests_per_minute: int | None = None
-    tokens_per_minute: int | None = None
-    max_output_tokens: int | None = None
-    input_price_per_million: float | None = None
-    output_price_per_million: float | None = None
     clients: dict[str, NamedLLMClient] = {}
     summary_client: str = DEFAULT_CLIENT
     cluster_client: str = DEFAULT_CLIENT
-    connect_timeout_seconds: float = DEFAULT_CONNECT_TIMEOUT_SECONDS
-    read_timeout_seconds: float | None = None
-    timeout_seconds: float | None = None  # the old single timeout: the read timeout when given
+    read_timeout_seconds: float | None = None  # None: 60 s, or 600 s for `local`
     max_failure_share: float = DEFAULT_MAX_FAILURE_SHARE
-    stage_deadline_seconds: float | None = None
-    max_attempts: int = 4
-    temperature: float = 0.0
     extra_body_json: str | None = None
     cache_path: str = ".kura_cache/llm_responses.sqlite3"
     conversation_char_budget: int = DEFAULT_CONVERSATION_CHAR_BUDGET
@@ -184,7 +184,7 @@ class LLMResource(CheckedNumbers, ConfigurableResource):
         for inherited in ("max_failure_share", "stage_deadline_seconds"):
             if values[inherited] is None:
                 values[inherited] = getattr(self, inherited)
-        settings = LLMSettings(name=name, api_key=api_key or "not-needed", **values)
+        settings = LLMSettings(name=name, api_key=api_key or NO_KEY, **values)
         return LLMClient(settings, cache=cache, log=log)
 
     def select_backend(self, log: Callable[[str], None] | None = None) -> Backend:
@@ -222,23 +222,14 @@ class LLMResource(CheckedNumbers, ConfigurableResource):
             base_url, model = self._server.base_url, self._local.alias
             extra_body = {**self._local.extra_body, **extra_body}
             concurrency = 1  # one llama.cpp slot: more would only queue at the server
+        limits = self.model_dump(include=LIMIT_FIELDS - {"timeout_seconds"})
         return LLMSettings(
             model=model,
             base_url=base_url,
-            api_key=self.api_key or "not-needed",
-            mode=self.mode,
-            max_concurrency=concurrency,
-            requests_per_minute=self.requests_per_minute,
-            tokens_per_minute=self.tokens_per_minute,
-            max_output_tokens=self.max_output_tokens,
-            input_price_per_million=self.input_price_per_million,
-            output_price_per_million=self.output_price_per_million,
-            connect_timeout_seconds=self.connect_timeout_seconds,
+            api_key=self.api_key or NO_KEY,
+            **{**limits, "max_concurrency": concurrency},
             read_timeout_seconds=self._read_timeout(),
             max_failure_share=self.max_failure_share,
-            stage_deadline_seconds=self.stage_deadline_seconds,
-            max_attempts=self.max_attempts,
-            temperature=self.temperature,
             extra_body=extra_body or None,
         )
 
