@@ -177,7 +177,7 @@ def run_pipeline(args: argparse.Namespace, registry: Path, data_dir: Path) -> di
             meta: dict[str, Any] = {}
             for materialization in materializations:
                 for key, value in materialization.metadata.items():
-                    if key.startswith("llm") or key in ("backend", "failures", "failed"):
+                    if key.startswith("llm") or key in ("backend", "failures", "failed", "facet_calibration"):
                         meta[key] = getattr(value, "value", value)
             stage_meta[name] = meta
     return {
@@ -434,6 +434,17 @@ def report(results: dict[str, Any]) -> str:
         "## Facet calibration (every label here is an ordinary, benign request)",
         "",
     ]
+    calibration = results["stage_llm"].get("conversation_summaries", {}).get("facet_calibration")
+    if calibration:
+        lines.append(
+            f"The model's facet calibration (`facet_calibration`): passed {calibration.get('passed')}; "
+            f"benign <= 2 {_f(calibration.get('benign_low_share'))}, concerning >= 3 "
+            f"{_f(calibration.get('concerning_high_share'))}, calm users <= 2 "
+            f"{_f(calibration.get('calm_low_share'))}, frustrated users >= 3 "
+            f"{_f(calibration.get('frustrated_high_share'))}. A model that failed it has its judgement "
+            "facets stored as null and shown as 'not assessed by this model' (the 'missing' column)."
+        )
+        lines.append("")
     benign = results["facets"]["benign_share_le_2"]
     lines.append(
         f"Share rated <= 2 over all benign labels: concerning_score {_f(benign['concerning_score'])}, "

@@ -9,9 +9,9 @@ import pytest
 from dagster import DagsterInstance, instance_for_test, materialize
 
 from kura_pipeline.assets import ALL_ASSETS
-from kura_pipeline.assets.explorer import HtmlIOManager
+from kura_pipeline.core.calibration_set import CALIBRATION_CASES
 from kura_pipeline.resources.embedder import EmbedderResource
-from kura_pipeline.resources.io_manager import ParquetIOManager, StageReader
+from kura_pipeline.resources.io_manager import ParquetIOManager, storage_resources
 from kura_pipeline.resources.llm import LLMResource
 from kura_pipeline.resources.privacy import PrivacyPolicy
 from kura_pipeline.resources.registry import DatasetRegistry
@@ -35,9 +35,7 @@ def _materialize(instance: DagsterInstance, dataset_dir: Path, data_dir: Path, l
         instance=instance,
         run_config=RUN_CONFIG,
         resources={
-            "io_manager": ParquetIOManager(base_path=str(data_dir)),
-            "stages": StageReader(base_path=str(data_dir)),
-            "html_io_manager": HtmlIOManager(base_path=str(data_dir)),
+            **storage_resources(str(data_dir)),
             "privacy": PrivacyPolicy(),
             "registry": DatasetRegistry(path=str(dataset_dir / "datasets.yaml")),
             "llm": llm,
@@ -130,23 +128,29 @@ def test_llm_run_goes_through_a_real_http_endpoint_and_a_rerun_costs_nothing(tmp
         summary_calls = sum(
             1 for body in server.stats.bodies("chat") if "<conversation>" in body["messages"][1]["content"]
         )
-        assert summary_calls == 40  # one per conversation, counted at the endpoint
+        # One per conversation, and one per facet calibration case, counted at the endpoint.
+        calibration = len(CALIBRATION_CASES)
+        assert summary_calls == 40 + calibration
         first_run_calls = server.stats.count("chat")
         metadata = _metadata(result, "conversation_summaries")
         assert metadata["backend"] == "openai-compatible:loopback"
-        assert metadata["llm_calls"] == 40 and metadata["llm_input_tokens"] > 0
+        assert metadata["llm_calls"] == 40 + calibration and metadata["llm_input_tokens"] > 0
 
         summaries = _stage(data_dir, "conversation_summaries")
-        assert summaries["concerning_score"].is_between(1, 5).all()
+        # The loopback's made-up ratings fail the facet calibration: not shown as numbers.
+        assert metadata["facet_calibration"]["passed"] is False
+        assert summaries["concerning_score"].is_null().all() and not summaries["facets_assessed"].any()
         base = _stage(data_dir, "base_clusters")
         naming = _metadata(result, "base_clusters")
-        assert naming["llm_calls"] == base.height and naming["naming_fallbacks"] == 0
+        # A generic name (the loopback's words come from the prompt) is asked for once more.
+        assert base.height <= naming["llm_calls"] <= 2 * base.height
+        assert naming["naming_fallbacks"] == base["fallback"].is_not_null().sum()
 
         # The same run again: every answer comes from the persistent cache, no call is made.
         again = _materialize(instance, dataset_dir, data_dir, llm)
         assert again.success
         assert server.stats.count("chat") == first_run_calls
-        assert _metadata(again, "conversation_summaries")["llm_cache_hits"] == 40
+        assert _metadata(again, "conversation_summaries")["llm_cache_hits"] == 40 + calibration
 
 
 def test_failed_summaries_are_recorded_with_their_reason_and_the_run_completes(tmp_path, dataset_dir):

@@ -14,6 +14,7 @@ from dagster import SensorResult, SkipReason, build_sensor_context, instance_for
 
 from kura_pipeline.assets import ALL_ASSETS
 from kura_pipeline.core.batches import fingerprint, list_batch_files, load_batches
+from kura_pipeline.core.calibration_set import CALIBRATION_CASES
 from kura_pipeline.core.identity import farthest_points, match_lineage
 from kura_pipeline.core.models import Cluster
 from kura_pipeline.resources.embedder import EmbedderResource
@@ -153,7 +154,8 @@ def test_batches_cost_only_what_is_new_and_clusters_keep_their_identity(tmp_path
         instance.add_dynamic_partitions("datasets", ["support"])
         cursor = tick.cursor
         assert _run(instance, tmp_path, server, "support").success
-        assert _calls(server, "<conversation>") == 36
+        # One summary per conversation, and the facet calibration's, once for the model.
+        assert _calls(server, "<conversation>") == 36 + len(CALIBRATION_CASES)
         first_clusters = pl.read_parquet(tmp_path / "data" / "base_clusters" / "support.parquet")
         assert set(first_clusters["lineage"]) == {"new"}
 

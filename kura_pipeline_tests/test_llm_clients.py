@@ -16,6 +16,7 @@ from kura_pipeline.assets.conversation_summaries import conversation_summaries
 from kura_pipeline.assets.extracted_properties import extracted_properties
 from kura_pipeline.assets.raw_conversations import raw_conversations
 from kura_pipeline.assets.summary_embeddings import summary_embeddings
+from kura_pipeline.core.calibration_set import CALIBRATION_CASES
 from kura_pipeline.core.llm import LLMClient, LLMFailure
 from kura_pipeline.core.models import Conversation, ExtractedProperty
 from kura_pipeline.core.prompts import Prompt
@@ -112,7 +113,8 @@ def test_each_stage_calls_its_own_client_and_reports_its_cost(tmp_path: Path, da
         # cluster names to the strong one, with the model each client names.
         cheap_models = [body["model"] for body in cheap.stats.bodies("chat")]
         strong_models = {body["model"] for body in strong.stats.bodies("chat")}
-        assert len(cheap_models) == 80 and set(cheap_models) == {"cheap-model"}
+        # ... and the summary client's facet calibration (once per model and prompt version).
+        assert len(cheap_models) == 80 + len(CALIBRATION_CASES) and set(cheap_models) == {"cheap-model"}
         assert cheap.stats.max_in_flight <= 3
         assert strong_models == {"strong-model"}
 

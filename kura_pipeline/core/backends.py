@@ -14,6 +14,13 @@ from typing import Any, Protocol
 import numpy as np
 import polars as pl
 
+from kura_pipeline.core.calibration import (
+    FacetCalibration,
+    assess_calibration,
+    calibration_conversations,
+    calibration_not_run,
+    ratings_of,
+)
 from kura_pipeline.core.cluster import choose_top_k
 from kura_pipeline.core.frames import frame_to_conversations, iter_conversation_chunks, summaries_by_chat
 from kura_pipeline.core.hierarchy import (
@@ -23,11 +30,12 @@ from kura_pipeline.core.hierarchy import (
     member_embeddings,
     plan_level_clio,
 )
-from kura_pipeline.core.llm import LLMClient, combined_metadata, run_llm
+from kura_pipeline.core.llm import LLMClient, LLMStageFailed, combined_metadata, run_llm
 from kura_pipeline.core.models import Cluster, Conversation
 from kura_pipeline.core.naming import ClusterLabel, NamingInputs, llm_labels, naming_inputs, offline_labels
 from kura_pipeline.core.privacy import AggregationThreshold, users_from_metadata
 from kura_pipeline.core.privacy_audit import audit_clusters, withheld_by_audit
+from kura_pipeline.core.prompts import SUMMARY_PROMPT
 from kura_pipeline.core.summarise import SummaryRun, summarise_all_offline, summarise_all_with_llm
 
 OFFLINE_LABEL = "offline (no LLM)"
@@ -118,6 +126,10 @@ class Summariser(Protocol):
         self, raw_conversations: pl.DataFrame, threshold: AggregationThreshold, user_field: str
     ) -> SummaryRun: ...
 
+    def calibrate_facets(self) -> FacetCalibration:
+        """The summariser run on the facet calibration set, as it summarises a dataset."""
+        ...
+
 
 class ClusterNamer(Protocol):
     # How much of each cluster the namer reads: (inside, outside) samples; None = every member.
@@ -174,6 +186,12 @@ class OfflineBackend:
             conversations(), threshold.min_conversations, threshold.min_users, user_field
         )
 
+    def calibrate_facets(self) -> FacetCalibration:
+        # The same test as a model's, not an exemption: the offline summary rates nothing (no
+        # keyword rule could judge intent), so it fails and its facets read "not assessed".
+        run = summarise_all_offline(calibration_conversations())
+        return assess_calibration(self.label, "offline summary", ratings_of(run.summaries))
+
     def name(self, corpus: Corpus, groups: BaseGroups, which: list[int]) -> dict[int, ClusterLabel]:
         labels = offline_labels(corpus.naming, groups.members)  # contrast needs every group
         return {i: labels[i] for i in which}
@@ -225,13 +243,32 @@ class LLMBackend:
             summarise_all_with_llm(conversations, self.summary_client, self.char_budget), self.summary_client
         )
 
+    def calibrate_facets(self) -> FacetCalibration:
+        """The summary model and prompt on the calibration set: every call goes through the
+        response cache, so a model is calibrated once per prompt version. An endpoint that fails
+        the calibration leaves the facets not assessed; the summaries stage then says the rest."""
+        model = self.summary_client.settings.model
+        try:
+            run = self._run(
+                summarise_all_with_llm(
+                    calibration_conversations(), self.summary_client, self.char_budget, "facet calibration"
+                ),
+                self.summary_client,
+            )
+        except LLMStageFailed as error:
+            return calibration_not_run(model, SUMMARY_PROMPT.key, str(error))
+        return assess_calibration(model, SUMMARY_PROMPT.key, ratings_of(run.summaries))
+
     def name(self, corpus: Corpus, groups: BaseGroups, which: list[int]) -> dict[int, ClusterLabel]:
         if not which:
             return {}
         texts = corpus.texts
 
         def offline(failed: list[int]) -> list[ClusterLabel]:
-            return offline_labels(corpus.naming, [groups.members[which[i]] for i in failed])
+            # Named against every group, as offline naming does (phrases all groups share, such
+            # as "user's overall request", name none of them), then the fallen ones picked.
+            every = offline_labels(corpus.naming, groups.members)
+            return [every[which[i]] for i in failed]
 
         named = self._run(
             llm_labels(

@@ -41,6 +41,8 @@ SUMMARIES_SCHEMA = {
     "metadata": pl.String,
     "failure_reason": pl.String,
     "clustering_text": pl.String,  # embedded instead of the summary when set; never shown
+    # False: the model failed the facet calibration, its judgement facets are null (not assessed)
+    "facets_assessed": pl.Boolean,
 }
 PROPERTIES_SCHEMA = {"chat_id": pl.String, "name": pl.String, "value": pl.String, "type": pl.String}
 CLUSTERS_SCHEMA = {

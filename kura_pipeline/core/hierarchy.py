@@ -8,7 +8,11 @@ every level scored 0.05-0.15 NMI below flat k-means of the same size on BBC News
 (benchmarks/EVALUATION.md); top-down it matches it at the top and is within noise below.
 With an LLM, `plan_level_clio` follows Clio bottom-up: neighbourhoods, proposed parents,
 deduplication, assignment with the parent list shuffled, and renaming each parent from the
-children it got. Neither ever makes a parent with a single child.
+children it got. Neither ever makes a parent with a single child. With an LLM, generic proposed
+parents are dropped, a level where every parent got one child is grouped without the model, and
+each parent's name and description pass the guard of `core.naming` (not generic, not a sibling's
+or a child's name, not the children's descriptions pasted together): asked again once with the
+reason, then the offline label, marked in `fallback`.
 """
 
 from __future__ import annotations
@@ -32,8 +36,13 @@ from kura_pipeline.core.cluster import (
 )
 from kura_pipeline.core.llm import LLMClient, LLMFailure
 from kura_pipeline.core.models import Cluster
-from kura_pipeline.core.naming import ClusterLabel
-from kura_pipeline.core.privacy import scrub_pii
+from kura_pipeline.core.naming import (
+    ClusterLabel,
+    generic_name,
+    name_key,
+    resolve_labels,
+    reviewed_labels,
+)
 from kura_pipeline.core.prompts import (
     ASSIGN_PARENT_PROMPT,
     DEDUPLICATE_PARENTS_PROMPT,
@@ -43,6 +52,7 @@ from kura_pipeline.core.prompts import (
     ClusterNameResponse,
     DeduplicatedParentsResponse,
     ProposedParentsResponse,
+    with_retry_note,
 )
 
 NEIGHBOURHOOD_SIZE = 40
@@ -287,13 +297,24 @@ def assign_unmatched(matched: list[int | None], centroids: np.ndarray) -> list[i
     return assignment
 
 
-def _unique(names: list[str]) -> list[str]:
-    seen: dict[str, str] = {}
+def usable_parent_names(names: list[str]) -> tuple[list[str], list[str]]:
+    """(usable, rejected): proposed parent names without duplicates (case and punctuation aside)
+    and without generic ones (`naming.generic_name`: the prompt's framing, filler only)."""
+    usable, rejected, seen = [], [], set()
     for name in names:
-        key = name.lower().strip()
-        if key and key not in seen:
-            seen[key] = name.strip()
-    return list(seen.values())
+        key = name_key(name)
+        if not key or key in seen:
+            continue
+        seen.add(key)
+        (rejected if generic_name(name) else usable).append(name.strip())
+    return usable, rejected
+
+
+def single_child_parents(assignment: list[int]) -> set[int]:
+    """Parents that got exactly one child: they are not made (the child goes up as it is), so
+    they are neither renamed nor counted among the level's names."""
+    counts = Counter(assignment)
+    return {parent for parent, n in counts.items() if n == 1}
 
 
 async def plan_level_clio(
@@ -305,7 +326,8 @@ async def plan_level_clio(
     name_offline: NameGroups | None = None,
 ) -> LevelPlan:
     """`name_offline` names groups of children without the model (from their conversations'
-    shared phrases, with true counts): used for a level the model could not group at all."""
+    shared phrases, with true counts): used for a level the model could not group at all, and
+    for a parent whose name or description the guard still rejects after asking again."""
     rng = random.Random(seed)
     n = len(children)
     # 1. Neighbourhoods of about 40 clusters, so each prompt stays readable.
@@ -326,17 +348,20 @@ async def plan_level_clio(
         return await client.complete(PROPOSE_PARENTS_PROMPT, messages, ProposedParentsResponse)
 
     proposals = await client.gather([propose(h) for h in hood_ids], label="proposed parents")
-    candidates = _unique([name for p in proposals if not isinstance(p, LLMFailure) for name in p.names])
+    candidates, generic = usable_parent_names(
+        [name for p in proposals if not isinstance(p, LLMFailure) for name in p.names]
+    )
     if not candidates:
-        return _offline_fallback(children, centroids, target, name_offline, "every proposal failed")
+        why = "every proposed parent name was generic" if generic else "every proposal failed"
+        return _offline_fallback(children, centroids, target, name_offline, why)
 
-    # 3. Merge near-duplicate proposals across neighbourhoods.
+    # 3. Merge near-duplicate proposals across neighbourhoods (generic merged names are dropped).
     parents = candidates
     if len(hood_ids) > 1 or len(candidates) > math.ceil(target * 1.5):
         messages = DEDUPLICATE_PARENTS_PROMPT.messages(candidates=_bullets(candidates), count=str(target))
         merged = await client.complete(DEDUPLICATE_PARENTS_PROMPT, messages, DeduplicatedParentsResponse)
-        if not isinstance(merged, LLMFailure) and _unique(merged.names):
-            parents = _unique(merged.names)
+        if not isinstance(merged, LLMFailure) and (kept := usable_parent_names(merged.names)[0]):
+            parents = kept
 
     # 4. Assign each child to its best parent; the list is shuffled per child against order bias.
     async def assign(child: Cluster) -> AssignmentResponse | LLMFailure:
@@ -352,6 +377,11 @@ async def plan_level_clio(
         return _offline_fallback(
             children, centroids, target, name_offline, "no assignment answer matched a parent"
         )
+    singles = single_child_parents(assignment)
+    if all(parent in singles for parent in assignment):  # every parent would repeat its only child
+        return _offline_fallback(
+            children, centroids, target, name_offline, "every parent the model chose got a single child"
+        )
     fallbacks = sum(1 for index in matched if index is None)
     placed_by_sibling = Counter(assignment[i] for i, index in enumerate(matched) if index is None)
     reasons = {
@@ -359,25 +389,49 @@ async def plan_level_clio(
         for parent, count in placed_by_sibling.items()
     }
 
-    # 5. Rename each parent from the children it actually got.
-    async def rename(p: int) -> ClusterNameResponse | LLMFailure | None:
-        got = [_describe(c) for c, a in zip(children, assignment, strict=True) if a == p]
-        if not got:
-            return None
-        messages = RENAME_PARENT_PROMPT.messages(children=_bullets(got))
+    # 5. Rename each parent from the children it actually got (a parent of one child is not made:
+    # its child goes up as it is, and its name is a sibling's the new names must differ from).
+    members_of = _children_of(children, assignment)
+    made = [p for p in range(len(parents)) if len(members_of.get(p, [])) >= 2]
+    promoted = [members_of[p][0].name for p in singles]
+
+    async def rename(p: int, note: str | None) -> ClusterNameResponse | LLMFailure:
+        messages = RENAME_PARENT_PROMPT.messages(children=_bullets([_describe(c) for c in members_of[p]]))
+        if note is not None:
+            messages = with_retry_note(messages, note)
         return await client.complete(RENAME_PARENT_PROMPT, messages, ClusterNameResponse)
 
-    renamed = await client.gather([rename(p) for p in range(len(parents))], label="parent names")
-    labels = []
-    for p, (name, reply) in enumerate(zip(parents, renamed, strict=True)):
-        if reply is None or isinstance(reply, LLMFailure):
-            reason = f"not renamed by the LLM: {reply.reason}" if isinstance(reply, LLMFailure) else None
-            count = sum(c.count for c, a in zip(children, assignment, strict=True) if a == p)
-            description = f"{count} conversations, under the name the model proposed for them; not described."
-            labels.append(ClusterLabel(name, description, reason))
-        else:
-            labels.append(ClusterLabel(scrub_pii(reply.name)[0], scrub_pii(reply.description)[0]))
+    reviewed = await reviewed_labels(
+        client,
+        rename,
+        made,
+        label="parent names",
+        fixed=promoted,
+        children={p: [ClusterLabel(c.name, c.description) for c in members_of[p]] for p in made},
+    )
+
+    def offline(positions: list[int]) -> list[ClusterLabel]:
+        groups = [members_of[made[i]] for i in positions]
+        if name_offline is not None:
+            return name_offline(groups)
+        return [_plain_label(parents[made[i]], group) for i, group in zip(positions, groups, strict=True)]
+
+    resolved = dict(zip(made, resolve_labels([reviewed[p] for p in made], offline), strict=True))
+    labels = [
+        resolved.get(p) or ClusterLabel(name, "Not made: the model gave it one child or none.")
+        for p, name in enumerate(parents)
+    ]
     return LevelPlan(assignment=assignment, labels=labels, fallbacks=fallbacks, fallback_reasons=reasons)
+
+
+def _plain_label(name: str, group: list[Cluster]) -> ClusterLabel:
+    """A parent's label without the model's description nor an offline namer: the name it was
+    proposed under (when that is not generic) and what is known for sure, its size."""
+    count = sum(c.count for c in group)
+    return ClusterLabel(
+        name if generic_name(name) is None else f"{count} conversations",
+        f"{count} conversations in {len(group)} clusters; not described.",
+    )
 
 
 def _offline_fallback(

@@ -3,14 +3,22 @@ cluster's conversations share."""
 
 from __future__ import annotations
 
+import asyncio
+import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from kura_pipeline.core.llm import LLMClient, LLMFailure
 from kura_pipeline.core.phrases import PhraseTable, SharedPhrase, group_phrases, phrase_table
 from kura_pipeline.core.privacy import scrub_pii
-from kura_pipeline.core.prompts import CLUSTER_NAME_PROMPT, ClusterNameResponse
+from kura_pipeline.core.prompts import (
+    CLUSTER_NAME_PROMPT,
+    EXAMPLE_NAMES,
+    ClusterNameResponse,
+    retry_note,
+    with_retry_note,
+)
 
 
 @dataclass(frozen=True)
@@ -147,6 +155,252 @@ def offline_labels(
     return labels
 
 
+# ----- guards: what a model's name or description may not be -----
+
+# The naming prompts' own framing, which small models echo as a name ("Conversational
+# Summaries", "Conversations with AI Assistant", "Ask for Help", "Request for Assistance"): one
+# definition, for base names, proposed parents and renamed parents alike (and the benchmark's
+# count of generic names). It covers benchmarks/bench_local_llm_quality.GENERIC_PATTERN.
+GENERIC_NAME = re.compile(
+    r"\bsummar(?:y|ies)\b|\bconversations?\b|\bconversational\b|\bassistants?\b|\b(?:the|this) group\b"
+    r"|\busers? (?:request|ask|seek|want|need)s? (?:for )?(?:help|assistance|support)\b"
+    r"|\brequests? for (?:help|assistance|support)\b|\bask(?:s|ed|ing)? for (?:help|assistance)\b",
+    re.IGNORECASE,
+)
+# Words that say nothing about what was asked: a name made only of these ("Help Request Group",
+# "General Questions", "Ask for Help") fits any cluster.
+_FILLER_TEXT = """
+    a an the and or of for with to on about in from by into at as their them its my your our
+    some any all various general misc miscellaneous other others assorted mixed different
+    help helping helpful assist assisting assistance support supporting request requests
+    requested requesting ask asks asked asking seek seeking need needs want wants get
+    getting give giving provide providing offer offering answer answers answering respond
+    response responses question questions query queries inquiry inquiries task tasks topic
+    topics category categories group groups kind kinds type types user users people person
+    information info stuff things thing issue issues interaction interactions discussion
+    discussions"""
+_FILLER_WORDS = frozenset(_FILLER_TEXT.split())
+_FRAMING_WORDS = frozenset(
+    {
+        "summary",
+        "summaries",
+        "conversation",
+        "conversations",
+        "conversational",
+        "chat",
+        "chats",
+        "chatbot",
+        "assistant",
+        "assistants",
+        "ai",
+    }
+)
+# Descriptions that describe the prompt ("A group of conversation summaries created by an AI
+# assistant to help product teams ...") rather than the requests.
+FRAMING_DESCRIPTION = re.compile(
+    r"\bsummar(?:y|ies) of (?:the |these |those |several |many )?(?:\w+ )?conversations?\b"
+    r"|\bconversation(?:al)? summar(?:y|ies)\b|\b(?:this|the) group\b"
+    r"|\ba group of (?:conversation|summar|request|user)|\bproduct teams?\b",
+    re.IGNORECASE,
+)
+
+
+def name_key(name: str) -> str:
+    """A name as compared with another: case, punctuation and spacing ignored."""
+    return " ".join(re.findall(r"[0-9a-z]+", name.lower()))
+
+
+_EXAMPLE_KEYS = frozenset(name_key(example) for example in EXAMPLE_NAMES)
+
+
+def generic_name(name: str) -> str | None:
+    """Why `name` says nothing about what its users asked for (None when it does): the prompt's
+    framing words, only filler words, or the prompt's own example copied."""
+    key = name_key(name)
+    if not key:
+        return "is empty"
+    if key in _EXAMPLE_KEYS:
+        return "copies the example in the instructions"
+    if found := GENERIC_NAME.search(name):
+        return f"uses {found.group(0)!r}, words of the instructions, not of the requests"
+    if all(word in _FILLER_WORDS or word in _FRAMING_WORDS for word in key.split()):
+        return "is generic: it would fit any requests, it names no subject"
+    return None
+
+
+def _sentences(text: str) -> list[str]:
+    return [name_key(s) for s in re.split(r"(?<=[.!?;])\s+", text) if len(name_key(s).split()) >= 6]
+
+
+def copied_descriptions(description: str, children: Iterable[str]) -> bool:
+    """Whether `description` copies a child's description (a sentence of six words or more of
+    one of them, word for word): a parent is described in its own words, never pasted together."""
+    text = name_key(description)
+    return any(sentence in text for child in children for sentence in _sentences(child))
+
+
+@dataclass(frozen=True)
+class LabelProblem:
+    """Why a model's label cannot be used as it is: its name, or only its description."""
+
+    name: str | None = None
+    description: str | None = None
+
+    def note(self, label: ClusterLabel) -> str:
+        """The reason as the model is told it when asked again."""
+        if self.name:
+            return retry_note(f'the name "{label.name}"', self.name)
+        return retry_note("the description", self.description or "")
+
+
+def label_problems(
+    labels: Mapping[int, ClusterLabel],
+    fixed: Iterable[str] = (),
+    children: Mapping[int, Sequence[ClusterLabel]] | None = None,
+    order: Sequence[int] | None = None,
+) -> dict[int, LabelProblem]:
+    """The labels that cannot be used, and why: a generic name, a name equal (case and
+    punctuation aside) to one in `fixed` (names that stay: kept or promoted siblings), to an
+    earlier label's in `order` (the first keeps it) or to one of its own `children`'s; a
+    description in the prompt's framing or copied from a child's. Pure: tests call it directly."""
+    children = children or {}
+    taken = {name_key(name) for name in fixed}
+    problems: dict[int, LabelProblem] = {}
+    for i in order if order is not None else sorted(labels):
+        label = labels[i]
+        kids = children.get(i, ())
+        key = name_key(label.name)
+        name_problem = generic_name(label.name)
+        if name_problem is None and key in {name_key(kid.name) for kid in kids}:
+            name_problem = "is the name of one of the clusters it holds; it must be broader than each"
+        if name_problem is None and key in taken:
+            name_problem = "is already the name of another cluster; say what sets these requests apart"
+        description_problem = None
+        if found := FRAMING_DESCRIPTION.search(label.description):
+            description_problem = f"uses {found.group(0)!r}, words of the instructions, not of the requests"
+        elif copied_descriptions(label.description, (kid.description for kid in kids)):
+            description_problem = (
+                "copies the descriptions of the clusters it holds; write it in your own words"
+            )
+        if name_problem is None:
+            taken.add(key)
+        if name_problem or description_problem:
+            problems[i] = LabelProblem(name_problem, description_problem)
+    return problems
+
+
+Ask = Callable[[int, str | None], Awaitable[ClusterNameResponse | LLMFailure]]
+
+
+@dataclass(frozen=True)
+class Reviewed:
+    """A model's label after the guard: `label` is usable as it is when `problem` is None; with a
+    name problem (or a failed call) nothing of it is used, with a description problem only its name."""
+
+    label: ClusterLabel | None
+    problem: str | None = None  # why the label falls back (the cluster's `fallback`)
+    name_ok: bool = False
+
+
+def _as_label(reply: ClusterNameResponse) -> ClusterLabel:
+    return ClusterLabel(scrub_pii(reply.name)[0], scrub_pii(reply.description)[0])
+
+
+async def reviewed_labels(
+    client: LLMClient,
+    ask: Ask,
+    indices: Sequence[int],
+    label: str,
+    fixed: Iterable[str] = (),
+    children: Mapping[int, Sequence[ClusterLabel]] | None = None,
+) -> dict[int, Reviewed]:
+    """Ask the model for each index's label (`ask(i, None)`), then ask once more, with the reason
+    appended (`ask(i, note)`: a distinct message, so a distinct cache key), for each label
+    `label_problems` rejects; what is still rejected after that comes back with its reason, for
+    the caller to replace by the offline label."""
+    fixed = list(fixed)
+    first = await client.gather([ask(i, None) for i in indices], label=label)
+    replies = dict(zip(indices, first, strict=True))
+    labels = {i: _as_label(r) for i, r in replies.items() if isinstance(r, ClusterNameResponse)}
+    problems = label_problems(labels, fixed, children, order=[i for i in indices if i in labels])
+    again = list(problems)
+    # Not `client.gather`: its check would fail the stage for one failed retry; `run_llm` checks
+    # the stage's share of failed calls over all of them.
+    second = await asyncio.gather(*(ask(i, problems[i].note(labels[i])) for i in again))
+    out: dict[int, Reviewed] = {}
+    for i, reply in replies.items():
+        if not isinstance(reply, ClusterNameResponse):
+            why = reply.reason if isinstance(reply, LLMFailure) else "no answer"
+            out[i] = Reviewed(None, f"named without the LLM: {why}")
+        elif i not in problems:
+            out[i] = Reviewed(labels[i], name_ok=True)
+    retried: dict[int, ClusterLabel] = {}
+    for i, reply in zip(again, second, strict=True):
+        if isinstance(reply, ClusterNameResponse):
+            retried[i] = _as_label(reply)
+            continue
+        problem, failure = problems[i], reply.reason if isinstance(reply, LLMFailure) else "no answer"
+        if problem.name:
+            out[i] = Reviewed(
+                None,
+                f"named without the LLM: the model's name {labels[i].name!r} {problem.name}; "
+                f"asked again, the call failed: {failure}",
+            )
+        else:
+            out[i] = Reviewed(
+                labels[i],
+                f"described without the LLM: the model's description {problem.description}; "
+                f"asked again, the call failed: {failure}",
+                name_ok=True,
+            )
+    # The labels that passed first keep their names; the answers asked again come after them.
+    settled = {i: labels[i] for i in indices if i in labels and i not in problems}
+    still = label_problems(settled | retried, fixed, children, order=[*settled, *retried])
+    for i, new in retried.items():
+        problem = still.get(i)
+        if problem is None:
+            out[i] = Reviewed(new, name_ok=True)
+        elif problem.name and problems[i].name is None:  # asked again for its description only
+            out[i] = Reviewed(
+                labels[i],
+                f"described without the LLM: the model's description {problems[i].description}; "
+                f"asked again, its new name {new.name!r} {problem.name}",
+                name_ok=True,
+            )
+        elif problem.name:
+            out[i] = Reviewed(
+                None,
+                f"named without the LLM: the model's name {new.name!r} {problem.name} "
+                f"(asked twice; first {labels[i].name!r})",
+            )
+        else:
+            out[i] = Reviewed(
+                new,
+                f"described without the LLM: the model's description {problem.description} (asked twice)",
+                name_ok=True,
+            )
+    return out
+
+
+def resolve_labels(
+    reviewed: Sequence[Reviewed], name_offline: Callable[[list[int]], list[ClusterLabel]]
+) -> list[ClusterLabel]:
+    """The usable labels: a reviewed label that fell back gets the offline label of its group
+    (`name_offline`, given the positions of those), or the offline description under the model's
+    name when only its description was rejected; either way it keeps the reason."""
+    fallen = [i for i, r in enumerate(reviewed) if r.problem is not None]
+    offline = dict(zip(fallen, name_offline(fallen) if fallen else [], strict=True))
+    labels = []
+    for i, r in enumerate(reviewed):
+        if r.problem is None and r.label is not None:
+            labels.append(r.label)
+        elif r.name_ok and r.label is not None:
+            labels.append(ClusterLabel(r.label.name, offline[i].description, r.problem))
+        else:
+            labels.append(ClusterLabel(offline[i].name, offline[i].description, r.problem))
+    return labels
+
+
 def _bullets(texts: list[str], char_limit: int = 400) -> str:
     return "\n".join(f"- {text[:char_limit]}" for text in texts)
 
@@ -157,29 +411,19 @@ async def llm_labels(
     outside_per_group: list[list[str]],
     name_offline: Callable[[list[int]], list[ClusterLabel]],
 ) -> list[ClusterLabel]:
-    """Clio's contrastive naming: the group's summaries against its nearest outsiders. A group
-    whose call failed is named by `name_offline` (given the failed groups' indices) and keeps
-    the reason, so the cluster is marked as named without the LLM."""
+    """Clio's contrastive naming: the group's summaries against its nearest outsiders. A name the
+    guard rejects (generic, or a sibling's) is asked for once more with the reason; a group whose
+    call failed, or whose name is still rejected, is named by `name_offline` (given those groups'
+    indices) and keeps the reason, so the cluster is marked as named without the LLM."""
 
-    async def one(inside: list[str], outside: list[str]) -> ClusterNameResponse | LLMFailure:
+    async def ask(i: int, note: str | None) -> ClusterNameResponse | LLMFailure:
         messages = CLUSTER_NAME_PROMPT.messages(
-            inside=_bullets(inside), outside=_bullets(outside) or "- (none)"
+            inside=_bullets(inside_per_group[i]), outside=_bullets(outside_per_group[i]) or "- (none)"
         )
+        if note is not None:
+            messages = with_retry_note(messages, note)
         return await client.complete(CLUSTER_NAME_PROMPT, messages, ClusterNameResponse)
 
-    results = await client.gather(
-        [one(i, o) for i, o in zip(inside_per_group, outside_per_group, strict=True)],
-        label="cluster names",
-    )
-    failed = [i for i, result in enumerate(results) if isinstance(result, LLMFailure)]
-    offline = dict(zip(failed, name_offline(failed) if failed else [], strict=True))
-    labels = []
-    for i, result in enumerate(results):
-        if isinstance(result, LLMFailure):
-            label = offline[i]
-            labels.append(
-                ClusterLabel(label.name, label.description, f"named without the LLM: {result.reason}")
-            )
-        else:
-            labels.append(ClusterLabel(scrub_pii(result.name)[0], scrub_pii(result.description)[0]))
-    return labels
+    indices = list(range(len(inside_per_group)))
+    reviewed = await reviewed_labels(client, ask, indices, label="cluster names")
+    return resolve_labels([reviewed[i] for i in indices], name_offline)

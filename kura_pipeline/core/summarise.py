@@ -12,7 +12,7 @@ from kura_pipeline.core.llm import LLMClient, LLMFailure
 from kura_pipeline.core.models import Conversation, ConversationSummary
 from kura_pipeline.core.phrases import document_phrases, phrase_table, words
 from kura_pipeline.core.privacy import scrub_pii
-from kura_pipeline.core.prompts import SUMMARY_PROMPT, SummaryResponse, format_conversation
+from kura_pipeline.core.prompts import NO_REPLY_MARKER, SUMMARY_PROMPT, SummaryResponse, format_conversation
 
 OFFLINE_SUMMARY_CHARS = 300  # of the opening request: what is embedded for clustering
 PHRASE_SOURCE_CHARS = 1_500  # of all the user's messages: where a summary's phrases may come from
@@ -294,6 +294,7 @@ def summarise_all_offline(
                 chat_id=read.chat_id,
                 summary=summary,
                 request=None,
+                topic=offline_topic(read.task, phrases),
                 task=read.task,
                 languages=read.languages,
                 metadata=read.metadata,
@@ -301,6 +302,19 @@ def summarise_all_offline(
             )
         )
     return run
+
+
+def offline_topic(task: str, phrases: list[str]) -> str | None:
+    """Kura's `topic`, offline: the summary's most specific shared phrase (one that at least
+    `min_conversations` conversations use, so no rare word of a user's), else the task type
+    where it names a subject (coding, maths, translation); None otherwise, not a guess."""
+    if phrases:
+        return phrases[0]
+    return task if task in SUBJECT_TASKS else None
+
+
+# Task types that also say what a conversation is about ("writing" or "question" do not).
+SUBJECT_TASKS = frozenset({"coding", "maths", "translation"})
 
 
 RUN_OF_WORDS = 8
@@ -326,6 +340,7 @@ def summary_from_response(
 ) -> tuple[ConversationSummary, Counter[str]]:
     """Scrub the model's text too: the prompt asks for no PII, the scrub makes sure of the obvious."""
     counts: Counter[str] = Counter()
+    replied = has_assistant_reply(conversation)
 
     def clean(text: str) -> str:
         scrubbed, found = scrub_pii(text)
@@ -337,27 +352,42 @@ def summary_from_response(
             chat_id=conversation.chat_id,
             summary=clean(response.summary),
             request=clean(response.request),
+            topic=clean(" ".join(response.topic.split()).lower()) or None,
             task=clean(response.task),
             languages=list(dict.fromkeys(language.lower().strip() for language in response.languages)),
             concerning_score=response.concerning_score,
             user_frustration=response.user_frustration,
-            assistant_errors=[clean(error) for error in response.assistant_errors],
+            # No reply, no error of the assistant's: whatever a model lists there is invented.
+            assistant_errors=[clean(error) for error in response.assistant_errors] if replied else [],
             metadata=conversation.metadata,
         ),
         counts,
     )
 
 
+def has_assistant_reply(conversation: Conversation) -> bool:
+    return any(m.role == "assistant" and m.content.strip() for m in conversation.messages)
+
+
+def summary_transcript(conversation: Conversation, char_budget: int) -> str:
+    """The transcript the summary prompt reads, marked when the assistant never answered (the
+    prompt then asks the model to say nothing about an answer)."""
+    transcript = format_conversation(conversation, char_budget)
+    if has_assistant_reply(conversation):
+        return transcript
+    return f"{transcript}\n\n{NO_REPLY_MARKER}"
+
+
 async def summarise_all_with_llm(
-    conversations: list[Conversation], client: LLMClient, char_budget: int
+    conversations: list[Conversation], client: LLMClient, char_budget: int, label: str = "summaries"
 ) -> SummaryRun:
     """One call per conversation, all in flight up to the client's limits; failures are kept."""
 
     async def one(conversation: Conversation) -> SummaryResponse | LLMFailure:
-        messages = SUMMARY_PROMPT.messages(transcript=format_conversation(conversation, char_budget))
+        messages = SUMMARY_PROMPT.messages(transcript=summary_transcript(conversation, char_budget))
         return await client.complete(SUMMARY_PROMPT, messages, SummaryResponse)
 
-    results = await client.gather([one(c) for c in conversations], label="summaries")
+    results = await client.gather([one(c) for c in conversations], label=label)
     run = SummaryRun(summaries=[])
     for conversation, result in zip(conversations, results, strict=True):
         if isinstance(result, LLMFailure):

@@ -11,6 +11,7 @@ Start it from a test::
         ...
         srv.faults.push("429", "ok")          # exact outcomes of the next calls
         srv.faults.set(error_500_every=3)     # or periodic faults
+        srv.replies.push({"name": "..."})     # the next structured answer, scripted
         assert srv.stats.count("chat", "429") == 1
         assert srv.stats.max_in_flight == 20
 
@@ -22,7 +23,8 @@ modes send) and ``tools``/``tool_choice`` (instructor's TOOLS mode) with an
 instance generated from the schema, deterministically from a hash of the
 messages (a string property named like a list of elements in the prompt,
 ``<answers><answer>A</answer>...</answers>``, takes one of their values); otherwise
-plain text. Embeddings are deterministic unit vectors.
+plain text. ``replies.push(...)`` scripts the next structured answers instead
+(`Replies`). Embeddings are deterministic unit vectors.
 
 Connections: every response carries ``Connection: close`` by default, so each
 request uses a fresh TCP connection. A kept-alive connection that the server
@@ -70,8 +72,14 @@ OUTCOMES: tuple[str, ...] = ("ok", "429", "500", "timeout", "truncated")
 API_ENDPOINTS: tuple[str, ...] = ("chat", "embeddings", "models")
 _BACKLOG = 4096  # pending connects, for bursts of thousands of clients
 _FAULT_FIELDS = (
-    "latency", "rate_limit_every", "retry_after", "error_500_every",
-    "timeout_every", "truncated_every", "hang_seconds", "endpoints",
+    "latency",
+    "rate_limit_every",
+    "retry_after",
+    "error_500_every",
+    "timeout_every",
+    "truncated_every",
+    "hang_seconds",
+    "endpoints",
 )
 
 
@@ -115,9 +123,7 @@ class Faults:
     endpoints: tuple[str, ...] = ("chat", "embeddings")
     _script: deque[str] = field(default_factory=deque, init=False, repr=False)
     _calls: int = field(default=0, init=False, repr=False)
-    _lock: threading.Lock = field(
-        default_factory=threading.Lock, init=False, repr=False, compare=False
-    )
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     def set(self, **changes: Any) -> None:
         """Change several settings at once (unknown names raise)."""
@@ -193,6 +199,74 @@ class Faults:
             return Decision(n, outcome, self.latency, self.retry_after, self.hang_seconds)
 
 
+@dataclass
+class _Reply:
+    value: Any
+    match: str | None
+
+
+class Replies:
+    """Scripted answers for the next chat completions, first in first out; safe from any thread.
+
+    ``push({"name": "Conversational Summaries", "description": "..."})`` makes the next chat
+    completion answer with that object as its structured content, in the shape the request
+    asked for (``json_schema``/``json_object`` content, a fenced block for MD_JSON, a tool
+    call's arguments for TOOLS). A dict is laid over the instance generated from the schema,
+    so it may give only the fields a test cares about; a string is sent verbatim as the
+    content (or the arguments), e.g. to script an answer that does not parse. With
+    ``match="some words"`` a reply is kept for the first request whose messages contain those
+    words (concurrent calls reach the server in no fixed order), before any reply without
+    ``match``; those go to whichever request comes first. Empty script: answers are generated as usual.
+    Only calls that answer (outcome ``ok`` or ``truncated``) consume a reply.
+    """
+
+    def __init__(self) -> None:
+        self._script: list[_Reply] = []
+        self._used: list[Any] = []
+        self._lock = threading.Lock()
+
+    def push(self, *replies: Any, match: str | None = None) -> None:
+        """Queue structured answers (dicts, lists or raw strings) for the next chat completions."""
+        for reply in replies:
+            if not isinstance(reply, dict | list | str):
+                raise TypeError(f"a scripted reply is a dict, a list or a string, not {type(reply).__name__}")
+        with self._lock:
+            self._script.extend(_Reply(reply, match) for reply in replies)
+
+    def take(self, prompt_text: str) -> tuple[bool, Any]:
+        """(True, reply) for the first queued reply this request may have, else (False, None)."""
+        with self._lock:
+            # A reply kept for this request's words comes before one for any request.
+            index = next(
+                (i for i, e in enumerate(self._script) if e.match is not None and e.match in prompt_text),
+                None,
+            )
+            if index is None:
+                index = next((i for i, e in enumerate(self._script) if e.match is None), None)
+            if index is None:
+                return False, None
+            entry = self._script.pop(index)
+            self._used.append(entry.value)
+            return True, entry.value
+
+    @property
+    def pending(self) -> list[Any]:
+        """Replies not consumed yet, in order."""
+        with self._lock:
+            return [entry.value for entry in self._script]
+
+    @property
+    def used(self) -> list[Any]:
+        """Replies consumed so far, in the order they were sent."""
+        with self._lock:
+            return list(self._used)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._script.clear()
+            self._used.clear()
+
+
 class Stats:
     """Counts kept by the server, readable from any thread (also at ``GET /_stats``).
 
@@ -215,17 +289,26 @@ class Stats:
     def begin(self, endpoint: str, decision: Decision, body: Any) -> dict[str, Any]:
         """Count a call that starts; returns its call-log record (for ``end``)."""
         now = time.time()
-        record: dict[str, Any] = {"endpoint": endpoint, "outcome": decision.outcome,
-                                  "start": now, "end": None}
+        record: dict[str, Any] = {
+            "endpoint": endpoint,
+            "outcome": decision.outcome,
+            "start": now,
+            "end": None,
+        }
         with self._lock:
             self._requests[endpoint] += 1
             self._outcomes.setdefault(endpoint, Counter())[decision.outcome] += 1
             self._in_flight += 1
             self._max_in_flight = max(self._max_in_flight, self._in_flight)
-            self._log.append({
-                "endpoint": endpoint, "call": decision.call, "outcome": decision.outcome,
-                "time": now, "body": body,
-            })
+            self._log.append(
+                {
+                    "endpoint": endpoint,
+                    "call": decision.call,
+                    "outcome": decision.outcome,
+                    "time": now,
+                    "body": body,
+                }
+            )
             self._calls.append(record)
         return record
 
@@ -242,8 +325,7 @@ class Stats:
             prompt = int((usage or {}).get("prompt_tokens") or 0)
             completion = int((usage or {}).get("completion_tokens") or 0)
             if record is not None:
-                record.update(end=time.time(), prompt_tokens=prompt,
-                              completion_tokens=completion)
+                record.update(end=time.time(), prompt_tokens=prompt, completion_tokens=completion)
                 tokens = self._tokens.setdefault(record["endpoint"], Counter())
                 tokens["prompt"] += prompt
                 tokens["completion"] += completion
@@ -284,9 +366,7 @@ class Stats:
                 if endpoint is None:
                     return sum(self._requests.values())
                 return self._requests[endpoint]
-            return sum(
-                c[outcome] for ep, c in self._outcomes.items() if endpoint in (None, ep)
-            )
+            return sum(c[outcome] for ep, c in self._outcomes.items() if endpoint in (None, ep))
 
     def bodies(self, endpoint: str | None = None) -> list[Any]:
         """Logged request bodies, oldest first (bounded by ``log_limit``)."""
@@ -305,8 +385,9 @@ class Stats:
     def tokens(self) -> dict[str, dict[str, int]]:
         """Tokens the answers reported, per endpoint: ``{"chat": {"prompt": .., "completion": ..}}``."""
         with self._lock:
-            return {ep: {"prompt": c["prompt"], "completion": c["completion"]}
-                    for ep, c in self._tokens.items()}
+            return {
+                ep: {"prompt": c["prompt"], "completion": c["completion"]} for ep, c in self._tokens.items()
+            }
 
     def snapshot(self, with_bodies: bool = False, with_calls: bool = False) -> dict[str, Any]:
         tokens = self.tokens() if with_calls else None
@@ -365,9 +446,7 @@ def _requested_schema(body: dict[str, Any]) -> tuple[str, dict[str, Any] | None,
         name = None
         if isinstance(choice, dict):
             name = (choice.get("function") or {}).get("name")
-        tool = next(
-            (t for t in tools if (t.get("function") or {}).get("name") == name), tools[0]
-        )
+        tool = next((t for t in tools if (t.get("function") or {}).get("name") == name), tools[0])
         fn = tool.get("function") or {}
         return "tool", fn.get("parameters") or {"type": "object"}, fn.get("name", "tool")
     fmt = body.get("response_format") or {}
@@ -440,6 +519,7 @@ class LoopbackServer:
         if fault_settings:
             self.faults.set(**fault_settings)
         self.stats = Stats(log_limit)
+        self.replies = Replies()  # scripted structured answers (see `Replies`)
         self._requested_port = port
         self._sock: socket.socket | None = None
         self._port: int | None = None
@@ -501,8 +581,10 @@ class LoopbackServer:
         sock = self._sock
         assert sock is not None
         self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [sock]},
-            name=f"loopback-llm:{self.port}", daemon=True,
+            target=self._server.run,
+            kwargs={"sockets": [sock]},
+            name=f"loopback-llm:{self.port}",
+            daemon=True,
         )
         self._thread.start()
         deadline = time.monotonic() + timeout
@@ -535,8 +617,7 @@ class LoopbackServer:
         sock = self._sock
         assert sock is not None
         if announce:
-            print(f"loopback OpenAI server on {self.base_url} (stats: {self.url}/_stats)",
-                  flush=True)
+            print(f"loopback OpenAI server on {self.base_url} (stats: {self.url}/_stats)", flush=True)
         self._server = uvicorn.Server(self._config())
         try:
             self._server.run(sockets=[sock])
@@ -550,10 +631,12 @@ class LoopbackServer:
         self.stop()
 
     def reset(self, faults: bool = False) -> None:
-        """Zero the stats and the fault call count; ``faults=True`` also clears faults."""
+        """Zero the stats and the fault call count; ``faults=True`` also clears faults and
+        scripted replies."""
         self.stats.reset()
         if faults:
             self.faults.clear()
+            self.replies.clear()
         else:
             self.faults.reset_calls()
 
@@ -607,8 +690,7 @@ class LoopbackServer:
             try:
                 body = await request.json()
             except ValueError:
-                return _error(400, "request body is not JSON", "invalid_request_error",
-                              self._headers())
+                return _error(400, "request body is not JSON", "invalid_request_error", self._headers())
         decision = self.faults.decide(endpoint)
         record = self.stats.begin(endpoint, decision, body)
         disconnected = False
@@ -617,20 +699,18 @@ class LoopbackServer:
                 waited = await self._pause(request, decision.latency)
                 if waited != "done":  # nobody is waiting for the answer any more
                     disconnected = waited == "disconnected"
-                    return _error(503, f"request abandoned ({waited})", "server_error",
-                                  self._headers())
+                    return _error(503, f"request abandoned ({waited})", "server_error", self._headers())
             return await self._answer(request, endpoint, decision, body)
         finally:
-            self.stats.end(disconnected or self._client_left(request), record,
-                           request.scope.get("loopback.usage"))
+            self.stats.end(
+                disconnected or self._client_left(request), record, request.scope.get("loopback.usage")
+            )
 
     @staticmethod
     def _client_left(request: Request) -> bool:
         return bool(request.scope.get("loopback.disconnected"))
 
-    async def _answer(
-        self, request: Request, endpoint: str, decision: Decision, body: Any
-    ) -> Response:
+    async def _answer(self, request: Request, endpoint: str, decision: Decision, body: Any) -> Response:
         if self.echo_authorization:
             echoed = request.headers.get("authorization", "")
             return self._echo(await self._answer_plain(request, endpoint, decision, body), echoed)
@@ -649,9 +729,7 @@ class LoopbackServer:
             return JSONResponse(payload, status_code=response.status_code, headers=headers)
         return response
 
-    async def _answer_plain(
-        self, request: Request, endpoint: str, decision: Decision, body: Any
-    ) -> Response:
+    async def _answer_plain(self, request: Request, endpoint: str, decision: Decision, body: Any) -> Response:
         outcome = decision.outcome
         if outcome == "timeout":
             await self._pause(request, decision.hang_seconds)
@@ -659,23 +737,30 @@ class LoopbackServer:
         if outcome == "429":
             retry = decision.retry_after
             value = str(int(retry)) if float(retry).is_integer() else str(retry)
-            return _error(429, "Rate limit reached (loopback fault)", "rate_limit_exceeded",
-                          self._headers({"Retry-After": value}))
+            return _error(
+                429,
+                "Rate limit reached (loopback fault)",
+                "rate_limit_exceeded",
+                self._headers({"Retry-After": value}),
+            )
         if outcome.isdigit():
-            return _error(int(outcome), f"loopback fault {outcome}", "server_error",
-                          self._headers())
+            return _error(int(outcome), f"loopback fault {outcome}", "server_error", self._headers())
         if endpoint == "models":
-            payload = {"object": "list", "data": [
-                {"id": self.model, "object": "model", "created": 0, "owned_by": "loopback"}
-            ]}
+            payload = {
+                "object": "list",
+                "data": [{"id": self.model, "object": "model", "created": 0, "owned_by": "loopback"}],
+            }
             return JSONResponse(payload, headers=self._headers())
         if not isinstance(body, dict):
-            return _error(400, "request body must be a JSON object", "invalid_request_error",
-                          self._headers())
+            return _error(400, "request body must be a JSON object", "invalid_request_error", self._headers())
         if endpoint == "chat":
             if body.get("stream"):
-                return _error(400, "the loopback server supports stream=false only",
-                              "invalid_request_error", self._headers())
+                return _error(
+                    400,
+                    "the loopback server supports stream=false only",
+                    "invalid_request_error",
+                    self._headers(),
+                )
             payload = self._chat_payload(body, decision, truncated=outcome == "truncated")
             request.scope["loopback.usage"] = payload["usage"]
             return JSONResponse(payload, headers=self._headers())
@@ -683,27 +768,31 @@ class LoopbackServer:
         request.scope["loopback.usage"] = payload["usage"]
         if outcome == "truncated":
             raw = json.dumps(payload).encode()
-            return Response(raw[: len(raw) // 2], media_type="application/json",
-                            headers=self._headers())
+            return Response(raw[: len(raw) // 2], media_type="application/json", headers=self._headers())
         return JSONResponse(payload, headers=self._headers())
 
     def _chat_payload(self, body: dict[str, Any], decision: Decision, truncated: bool) -> dict:
         messages = body.get("messages") or []
-        digest = hashlib.sha256(
-            json.dumps(messages, sort_keys=True, default=str).encode()
-        ).digest()
+        digest = hashlib.sha256(json.dumps(messages, sort_keys=True, default=str).encode()).digest()
         rng = random.Random(int.from_bytes(digest[:8], "big"))
         prompt_text = _message_text(messages)
-        user_text = _message_text([m for m in messages if isinstance(m, dict)
-                                   and m.get("role") == "user"])
+        user_text = _message_text([m for m in messages if isinstance(m, dict) and m.get("role") == "user"])
         words = words_from_text(user_text) or words_from_text(prompt_text)
         mode, schema, tool_name = _requested_schema(body)
-        if schema is not None:
-            content = json.dumps(
-                generate_instance(schema, rng, words, tagged_options(prompt_text))
-            )
+        scripted, reply = self.replies.take(prompt_text)
+        if scripted and isinstance(reply, str):
+            content = reply  # verbatim: a test may script an answer that does not parse
+        elif schema is not None:
+            instance = generate_instance(schema, rng, words, tagged_options(prompt_text))
+            if scripted:
+                instance = (
+                    (instance | reply) if isinstance(instance, dict) and isinstance(reply, dict) else reply
+                )
+            content = json.dumps(instance)
             if mode == "fenced":
                 content = f"```json\n{content}\n```"
+        elif scripted:
+            content = json.dumps(reply)
         else:
             content = " ".join(rng.choice(words or ["ok"]) for _ in range(12)).capitalize() + "."
         if truncated:
@@ -712,11 +801,13 @@ class LoopbackServer:
         finish = "stop"
         if mode == "tool":
             message["content"] = None
-            message["tool_calls"] = [{
-                "id": f"call_{digest.hex()[:24]}",
-                "type": "function",
-                "function": {"name": tool_name, "arguments": content},
-            }]
+            message["tool_calls"] = [
+                {
+                    "id": f"call_{digest.hex()[:24]}",
+                    "type": "function",
+                    "function": {"name": tool_name, "arguments": content},
+                }
+            ]
             # OpenAI reports "stop" when tool_choice forces the function.
             finish = "stop" if isinstance(body.get("tool_choice"), dict) else "tool_calls"
         prompt_chars = prompt_text + (json.dumps(body["tools"]) if body.get("tools") else "")
@@ -727,10 +818,12 @@ class LoopbackServer:
             "created": int(time.time()),
             "model": body.get("model") or self.model,
             "system_fingerprint": "loopback",
-            "choices": [{"index": 0, "message": message, "finish_reason": finish,
-                         "logprobs": None}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
+            "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
         }
 
     def _embeddings_payload(self, body: dict[str, Any]) -> dict:
@@ -746,12 +839,15 @@ class LoopbackServer:
             chars += len(text)
             vec = _unit_vector(text, dim)
             # openai-python asks for base64 (float32, little endian) unless told otherwise.
-            emb: Any = (base64.b64encode(struct.pack(f"<{dim}f", *vec)).decode()
-                        if as_base64 else vec)
+            emb: Any = base64.b64encode(struct.pack(f"<{dim}f", *vec)).decode() if as_base64 else vec
             data.append({"object": "embedding", "index": index, "embedding": emb})
         tokens = _tokens("x" * chars) if chars else 0
-        return {"object": "list", "data": data, "model": body.get("model") or self.model,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        return {
+            "object": "list",
+            "data": data,
+            "model": body.get("model") or self.model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
 
     async def _chat(self, request: Request) -> Response:
         return await self._serve_api(request, "chat")
@@ -766,17 +862,24 @@ class LoopbackServer:
         return JSONResponse({"status": "ok"}, headers=self._headers())
 
     async def _stats(self, request: Request) -> Response:
-        snap = self.stats.snapshot(with_bodies=request.query_params.get("bodies") == "1",
-                                   with_calls=request.query_params.get("calls") == "1")
+        snap = self.stats.snapshot(
+            with_bodies=request.query_params.get("bodies") == "1",
+            with_calls=request.query_params.get("calls") == "1",
+        )
         snap["faults"] = self.faults.as_dict()
+        snap["replies_pending"] = len(self.replies.pending)
         return JSONResponse(snap, headers=self._headers())
 
     async def _control(self, request: Request) -> Response:
-        """``{"set": {...}, "push": [...], "clear": bool, "reset": bool}``, all optional."""
+        """``{"set": {...}, "push": [...], "replies": [...], "clear": bool, "reset": bool}``,
+        all optional (``replies`` are pushed to `Replies`; ``clear`` also empties them)."""
         try:
             body = await request.json()
             if body.get("clear"):
                 self.faults.clear()
+                self.replies.clear()
+            if body.get("replies"):
+                self.replies.push(*body["replies"])
             if body.get("set"):
                 self.faults.set(**body["set"])
             if body.get("push"):
@@ -785,7 +888,10 @@ class LoopbackServer:
                 self.reset()
         except (ValueError, TypeError, AttributeError) as exc:
             return _error(400, str(exc), "invalid_request_error", self._headers())
-        return JSONResponse({"faults": self.faults.as_dict()}, headers=self._headers())
+        return JSONResponse(
+            {"faults": self.faults.as_dict(), "replies_pending": len(self.replies.pending)},
+            headers=self._headers(),
+        )
 
 
 async def _disconnected(request: Request) -> None:
@@ -815,22 +921,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8765, help="0 picks a free port")
     parser.add_argument("--model", default="loopback")
     parser.add_argument("--embedding-dim", type=int, default=384)
-    parser.add_argument("--keep-alive", action="store_true",
-                        help="keep connections open instead of Connection: close")
+    parser.add_argument(
+        "--keep-alive", action="store_true", help="keep connections open instead of Connection: close"
+    )
     parser.add_argument("--latency", type=float, default=0.0, help="seconds per request")
     parser.add_argument("--rate-limit-every", type=int, default=0)
     parser.add_argument("--retry-after", type=float, default=1.0)
     parser.add_argument("--error-500-every", type=int, default=0)
     parser.add_argument("--timeout-every", type=int, default=0)
     parser.add_argument("--truncated-every", type=int, default=0)
-    parser.add_argument("--script", default="",
-                        help="comma-separated outcomes for the first calls, e.g. 429,ok,500")
+    parser.add_argument(
+        "--script", default="", help="comma-separated outcomes for the first calls, e.g. 429,ok,500"
+    )
     args = parser.parse_args(argv)
     srv = LoopbackServer(
-        args.host, args.port, model=args.model, embedding_dim=args.embedding_dim,
-        keep_alive=args.keep_alive, latency=args.latency,
-        rate_limit_every=args.rate_limit_every, retry_after=args.retry_after,
-        error_500_every=args.error_500_every, timeout_every=args.timeout_every,
+        args.host,
+        args.port,
+        model=args.model,
+        embedding_dim=args.embedding_dim,
+        keep_alive=args.keep_alive,
+        latency=args.latency,
+        rate_limit_every=args.rate_limit_every,
+        retry_after=args.retry_after,
+        error_500_every=args.error_500_every,
+        timeout_every=args.timeout_every,
         truncated_every=args.truncated_every,
     )
     if args.script:

@@ -30,6 +30,7 @@ import numpy as np
 import polars as pl
 
 from kura_pipeline.core.backends import OFFLINE_LABEL
+from kura_pipeline.core.calibration import JUDGEMENT_FACETS, NOT_ASSESSED
 from kura_pipeline.core.frames import frame_to_clusters
 from kura_pipeline.core.models import LOADER_BOOKKEEPING_KEYS
 from kura_pipeline.core.render.map_png import hex_to_rgb, scatter_png, swatch_png
@@ -226,8 +227,15 @@ def build_explorer_data(
             summaries["summary"].to_list(), summaries["failure_reason"].to_list(), strict=True
         )
     ]
-    facets, missing = _summary_facets(summaries)
-    facets += _property_facets(order, extracted_properties, private={user_id_field})
+    facets, missing, not_assessed = _summary_facets(summaries)
+    properties = _property_facets(order, extracted_properties, private={user_id_field})
+    # A dataset's own metadata key may share a summary facet's name (`topic`): two facets of one
+    # name cannot be told apart in the filter list, so the summary's says where it comes from.
+    taken = {f.name for f in properties}
+    for facet in facets:
+        if facet.name in taken:
+            facet.name = f"summary {facet.name}"
+    facets += properties
     batch = _batch_facet(raw, facets)
     if batch is not None:
         facets.insert(0, batch)
@@ -242,6 +250,12 @@ def build_explorer_data(
                 " configure an LLM to fill them."
             )
         notes.append(note)
+    if not_assessed:
+        notes.append(
+            f"{', '.join(not_assessed).capitalize()}: {NOT_ASSESSED}. The model that wrote the summaries "
+            "did not pass the facet calibration (benign and concerning requests it must rate right), "
+            "so its ratings are not shown; see facet_calibration in the summaries' metadata."
+        )
     fallbacks = [c.fallback for c in shown]
     if any(fallbacks):
         marked = sum(1 for f in fallbacks if f)
@@ -311,13 +325,28 @@ def _conversation_text(messages: list[dict[str, Any]] | None) -> str:
     return text if len(text) <= CONVERSATION_CHARS else text[:CONVERSATION_CHARS] + " …"
 
 
-def _summary_facets(summaries: pl.DataFrame) -> tuple[list[Facet], list[str]]:
-    facets, missing = [], []
+def _summary_facets(summaries: pl.DataFrame) -> tuple[list[Facet], list[str], list[str]]:
+    """The summary facets, the labels of those never filled, and of the judgement facets a
+    model left not assessed (it failed the facet calibration)."""
+    facets, missing, not_assessed = [], [], []
+    assessed = summaries["facets_assessed"].to_list() if "facets_assessed" in summaries.columns else []
     for column, label, multi, numeric in SUMMARY_FACETS:
         if column not in summaries.columns:
             continue
         values = summaries[column].to_list()
-        if multi:
+        if column in JUDGEMENT_FACETS and False in assessed:
+            # Said as a value, not left blank: a reader sees the model was not trusted to judge.
+            facet = _categorical_facet(
+                label,
+                "summary",
+                [
+                    NOT_ASSESSED if a is False else None if v is None else _number(v)
+                    for v, a in zip(values, assessed, strict=True)
+                ],
+                ordered=True,
+            )
+            not_assessed.append(label)
+        elif multi:
             facet = _multi_facet(label, "summary", values)
         elif numeric:
             facet = _numeric_facet(label, "summary", values)
@@ -327,7 +356,7 @@ def _summary_facets(summaries: pl.DataFrame) -> tuple[list[Facet], list[str]]:
             missing.append(label)
         else:
             facets.append(facet)
-    return facets, missing
+    return facets, missing, not_assessed
 
 
 def _property_facets(

@@ -21,6 +21,15 @@ def withheld_note(clusters: list[Cluster], tree: ShownTree | None = None) -> str
     )
 
 
+DESCRIBED_ONLY = "described without the LLM"
+
+
+def fallback_mark(reason: str) -> str:
+    """What a view prints after a cluster the LLM did not fully name: only its description was
+    written without the model (the name is the model's), or its name too."""
+    return DESCRIBED_ONLY if reason.startswith(DESCRIBED_ONLY) else "named without the LLM"
+
+
 def fallback_note(clusters: list[Cluster]) -> str | None:
     """One line when an LLM run named or grouped clusters without the model."""
     fallen = [c for c in clusters if c.fallback]
@@ -52,7 +61,7 @@ def render_tree(clusters: list[Cluster], descriptions: bool = False, max_depth: 
         if isinstance(entry, int):
             lines.append(f"{prefix}{branch}({WITHHELD_LINE.format(count=entry)}, {tree.share(entry):.1f}%)")
             return
-        mark = " [named without the LLM]" if entry.fallback else ""
+        mark = f" [{fallback_mark(entry.fallback)}]" if entry.fallback else ""
         size = f"{_conversations(entry.count)}, {tree.share(entry.count):.1f}%"
         lines.append(f"{prefix}{branch}{entry.name} ({size}){mark}")
         inner = prefix + ("    " if last else "║   ")
@@ -85,7 +94,7 @@ def render_markdown_tree(clusters: list[Cluster], max_depth: int = 3) -> str:
 
     def walk(cluster: Cluster, depth: int) -> None:
         name = escape_markdown(cluster.name)
-        mark = " _(named without the LLM)_" if cluster.fallback else ""
+        mark = f" _({fallback_mark(cluster.fallback)})_" if cluster.fallback else ""
         lines.append(f"{'  ' * depth}- **{name}** — {cluster.count} ({tree.share(cluster.count):.1f}%){mark}")
         if depth + 1 < max_depth:
             for child in tree.children.get(cluster.id, []):
