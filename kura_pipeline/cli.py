@@ -1,26 +1,34 @@
-"""The terminal entry points: run a dataset end to end, register datasets, print the tree."""
+"""The terminal entry points: run a dataset end to end, register and list datasets, print the
+tree, open or serve the explorer page, export the tables (Parquet, CSV, a Kura checkpoint)."""
 
 from __future__ import annotations
 
+import errno
+import http.server
+import json
 import os
+import shutil
 import sys
 import time
+import webbrowser
+from collections.abc import Iterable, Mapping
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, NoReturn
 
 import click
 import polars as pl
-import pyarrow.parquet as pq
 from dagster import DagsterInstance
 from upath import UPath
 
 from kura_pipeline.core.frames import frame_to_clusters
+from kura_pipeline.core.kura_format import write_kura_checkpoint
 from kura_pipeline.core.registry import DatasetSpec, RegistryError, read_registry_entries
 from kura_pipeline.core.render.tree import fallback_note, render_tree
 from kura_pipeline.partitions import datasets_partitions
-from kura_pipeline.resources.io_manager import stage_path
 from kura_pipeline.resources.registry import DatasetRegistry
+from kura_pipeline.resources.storage import page_path, stage_path, table_rows
+from kura_pipeline.run_health import fail_abandoned_runs, in_process_run_tags
 from kura_pipeline.sensors import unregistered_datasets
 
 DEFAULT_DAGSTER_HOME = ".dagster_home"
@@ -31,7 +39,10 @@ def cli_instance() -> DagsterInstance:
     if not os.getenv("DAGSTER_HOME"):
         home = Path(DEFAULT_DAGSTER_HOME).resolve()
         home.mkdir(parents=True, exist_ok=True)
-        (home / "dagster.yaml").touch()  # an empty one: Dagster's defaults, stored in this folder
+        config = home / "dagster.yaml"
+        if not config.exists():  # Dagster's defaults, stored in this folder, and a daemon (the
+            # one `dagster dev` starts) that fails runs whose worker died
+            config.write_text("run_monitoring:\n  enabled: true\n", encoding="utf-8")
         os.environ["DAGSTER_HOME"] = str(home)
     return DagsterInstance.get()
 
@@ -88,11 +99,37 @@ def register_datasets(instance: DagsterInstance) -> list[str]:
     return new
 
 
+def _data_dir() -> str:
+    return _definitions().defs.resources["io_manager"].base_path
+
+
 def data_stage_path(asset: str, dataset: str) -> UPath:
-    return stage_path(_definitions().defs.resources["io_manager"].base_path, asset, dataset)
+    return stage_path(_data_dir(), asset, dataset)
 
 
-@click.group()
+class OneLineErrors(click.Group):
+    """Click's own usage errors (a bad option value, an unknown option or command) as one line
+    and exit 2 too, like every other user error, instead of a usage block."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as error:
+            _fail(_usage_problem(error))
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as error:
+            _fail(_usage_problem(error))
+
+
+def _usage_problem(error: click.UsageError) -> str:
+    command = error.ctx.info_name if error.ctx is not None and error.ctx.parent is not None else None
+    return f"{command}: {error.format_message()}" if command else error.format_message()
+
+
+@click.group(cls=OneLineErrors)
 @click.version_option(version("kura_pipeline"), "--version", prog_name="kura-pipeline")
 @click.option(
     "--registry",
@@ -118,7 +155,10 @@ def main(registry: str | None, data_dir: str | None) -> None:
 def register() -> None:
     """Register every dataset of the registry as a partition (before `dagster asset materialize`)."""
     _registry_entries()
-    new = register_datasets(cli_instance())
+    instance = cli_instance()
+    # Loading the definitions already registers them on a persistent instance (see
+    # definitions.register_registry_datasets): those count as registered by this command too.
+    new = sorted({*_definitions().registered_on_load, *register_datasets(instance)})
     click.echo(f"registered: {', '.join(new)}" if new else "every dataset is already registered")
 
 
@@ -127,24 +167,42 @@ def list_datasets() -> None:
     """One line per registry dataset: registered as a partition or not, and how many
     conversations and clusters its stage files hold where they exist."""
     datasets, problems = _registry_entries()
-    registered = set(cli_instance().get_dynamic_partitions(datasets_partitions.name))
+    instance = cli_instance()
+    _report_abandoned(instance)
+    registered = set(instance.get_dynamic_partitions(datasets_partitions.name))
     if not datasets:
         click.echo(f"no datasets in the registry {_registry().path}")
     for name in sorted(datasets):
         parts = ["registered" if name in registered else "not registered (run `kura-pipeline register`)"]
         for asset, noun in (("raw_conversations", "conversations"), ("meta_clusters", "clusters")):
-            rows = _rows(data_stage_path(asset, name))
+            rows = table_rows(data_stage_path(asset, name))
             if rows is not None:
                 parts.append(f"{rows} {noun}")
+        if last := _last_run(instance, name):
+            parts.append(last)
         click.echo(f"{name}: {', '.join(parts)}")
 
 
-def _rows(path: UPath) -> int | None:
-    """The row count of a stage's Parquet file (from its footer), or None if there is none yet."""
-    if not path.exists():
+def _last_run(instance: DagsterInstance, dataset: str) -> str | None:
+    """ "last run <status> <when>" for the dataset's latest run of any job, or None."""
+    from dagster import RunsFilter
+
+    runs = instance.get_run_records(filters=RunsFilter(tags={"dagster/partition": dataset}), limit=1)
+    if not runs:
         return None
-    with path.open("rb") as file:
-        return pq.ParquetFile(file).metadata.num_rows
+    record = runs[0]
+    when = record.end_time or record.start_time
+    stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(when)) if when else "not started"
+    return f"last run {record.dagster_run.status.value.lower()} {stamp}"
+
+
+def _report_abandoned(instance: DagsterInstance) -> None:
+    """Runs of this host whose process died (a `kill -9`) are failed now, each said in a line."""
+    for run_id in fail_abandoned_runs(instance):
+        click.echo(
+            f"kura-pipeline: run {run_id[:8]} was left unfinished by a process that ended; marked failed",
+            err=True,
+        )
 
 
 @main.command()
@@ -163,6 +221,7 @@ def run(datasets: tuple[str, ...], every: bool, descriptions: bool) -> None:
         _known(dataset, known, problems)
 
     instance = cli_instance()
+    _report_abandoned(instance)
     register_datasets(instance)
     for dataset in datasets:
         started = time.monotonic()
@@ -170,6 +229,7 @@ def run(datasets: tuple[str, ...], every: bool, descriptions: bool) -> None:
             instance=instance,
             partition_key=dataset,
             raise_on_error=False,
+            tags=in_process_run_tags(),  # so a later run can tell when this process died mid-run
             run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
         )
         elapsed = time.monotonic() - started
@@ -181,8 +241,18 @@ def run(datasets: tuple[str, ...], every: bool, descriptions: bool) -> None:
         _print_tree(dataset, descriptions, depth=None)
         click.echo(
             f"\nEvery stage of {dataset!r} done in {elapsed:.0f} s; Parquet under "
-            f"{data_stage_path('raw_conversations', dataset).parent.parent}\n"
+            f"{data_stage_path('raw_conversations', dataset).parent.parent}"
         )
+        materialized = [
+            {
+                key: entry.value
+                for key, entry in event.step_materialization_data.materialization.metadata.items()
+            }
+            for event in result.all_events
+            if event.is_step_materialization
+        ]
+        click.echo(format_llm_totals(llm_totals(materialized)))
+        click.echo(f"Explorer: {explorer_path(dataset)} (open it: kura-pipeline open {dataset})\n")
 
 
 def _reason(error: Any) -> str:
@@ -207,11 +277,214 @@ def tree(dataset: str, descriptions: bool, depth: int | None) -> None:
 def _print_tree(dataset: str, descriptions: bool, depth: int | None) -> None:
     path = data_stage_path("meta_clusters", dataset)
     if not path.exists():
-        raise click.ClickException(
-            f"no clusters for {dataset!r} at {path}: run `kura-pipeline run {dataset}` first"
-        )
+        _fail(f"no clusters for {dataset!r} at {path}: run `kura-pipeline run {dataset}` first")
     with path.open("rb") as file:
         clusters = frame_to_clusters(pl.read_parquet(file))
     click.echo(render_tree(clusters, descriptions=descriptions, max_depth=depth))
     if note := fallback_note(clusters):
         click.echo(note, err=True)
+
+
+# --- LLM totals ----------------------------------------------------------------------------------
+
+# The stages' accounting keys (LLMStats.as_metadata, plus llm_cost_usd where prices are set).
+LLM_COUNTS = (
+    "llm_calls",
+    "llm_cache_hits",
+    "llm_retries",
+    "llm_failures",
+    "llm_input_tokens",
+    "llm_output_tokens",
+)
+
+
+def llm_totals(materializations: Iterable[Mapping[str, Any]]) -> dict[str, float] | None:
+    """The LLM accounting summed over the stages' materialisation metadata, or None when no
+    stage reported any (the offline backend). Each stage builds its own clients, so the
+    stages' numbers add up without counting a call twice."""
+    totals: dict[str, float] = {}
+    for metadata in materializations:
+        for key in (*LLM_COUNTS, "llm_cost_usd"):
+            value = metadata.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                totals[key] = totals.get(key, 0) + value
+    return totals or None
+
+
+def format_llm_totals(totals: Mapping[str, float] | None) -> str:
+    if totals is None:
+        return "LLM: not used (offline backend)"
+    count = {key: int(totals.get(key, 0)) for key in LLM_COUNTS}
+    parts = [
+        f"{count['llm_calls']:,} calls",
+        f"{count['llm_cache_hits']:,} cache hits",
+        f"{count['llm_input_tokens']:,} input + {count['llm_output_tokens']:,} output tokens",
+    ]
+    if count["llm_failures"]:
+        parts.append(f"{count['llm_failures']:,} failed")
+    if "llm_cost_usd" in totals:
+        parts.append(f"${totals['llm_cost_usd']:.4f}")
+    else:
+        parts.append("cost not priced (set KURA_LLM_INPUT_PRICE / KURA_LLM_OUTPUT_PRICE)")
+    return "LLM: " + ", ".join(parts)
+
+
+# --- The explorer page ---------------------------------------------------------------------------
+
+
+def explorer_path(dataset: str) -> UPath:
+    """Where the explorer asset's page for `dataset` is (the storage layout's)."""
+    return page_path(_data_dir(), dataset)
+
+
+def _existing_page(dataset: str) -> UPath:
+    _known(dataset, *_registry_entries((dataset,)))
+    page = explorer_path(dataset)
+    if not page.exists():
+        _fail(f"no explorer page for {dataset!r} at {page}: run `kura-pipeline run {dataset}` first")
+    return page
+
+
+@main.command(name="open")
+@click.argument("dataset", default="demo")
+@click.option("--browser/--no-browser", default=True, help="Open the page in the web browser.")
+def open_page(dataset: str, browser: bool) -> None:
+    """Print DATASET's explorer page path and open it in the web browser."""
+    page = _existing_page(dataset)
+    click.echo(str(page))
+    if not browser:
+        return
+    if page.protocol not in ("", "file", "local"):
+        _fail(f"{page} is not on this machine: use `kura-pipeline serve {dataset}` to browse it")
+    if not webbrowser.open(Path(page.path).resolve().as_uri()):
+        click.echo("kura-pipeline: no web browser found; open the file above yourself", err=True)
+
+
+@main.command()
+@click.argument("dataset", default="demo")
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0: any free port."
+)
+def serve(dataset: str, port: int) -> None:
+    """Serve DATASET's explorer page on http://127.0.0.1:PORT/ (this machine only; Ctrl-C stops)."""
+    page = _existing_page(dataset)
+
+    class PageHandler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+            if self.path.split("?")[0] not in ("/", "/index.html"):
+                self.send_error(404, "only the explorer page is served here: /")
+                return
+            body = page.read_bytes()  # read per request: a new run's page shows on reload
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            pass  # one line per request would bury the address
+
+    try:
+        # 127.0.0.1 only: the page holds the dataset's summaries; never the whole network.
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", port), PageHandler)
+    except OSError as error:
+        reason = "it is in use" if error.errno == errno.EADDRINUSE else error.strerror
+        _fail(f"cannot serve on 127.0.0.1:{port}: {reason} (choose another with --port)")
+    host, bound = server.server_address[:2]
+    click.echo(f"Serving {page} at http://{host}:{bound}/ (Ctrl-C stops)", nl=True)
+    sys.stdout.flush()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        click.echo("stopped")
+    finally:
+        server.server_close()
+
+
+# --- Export --------------------------------------------------------------------------------------
+
+# The stages a Kura checkpoint is made of.
+KURA_STAGES = ("raw_conversations", "conversation_summaries", "meta_clusters", "projections")
+
+
+def _table_stages() -> list[str]:
+    """Every asset stored as a Parquet table, in pipeline order (the explorer is a page)."""
+    from kura_pipeline.assets import ALL_ASSETS
+
+    return [
+        key.to_user_string()
+        for asset in ALL_ASSETS
+        for key in asset.keys
+        if key.to_user_string() != "explorer"
+    ]
+
+
+def _read(path: UPath) -> pl.DataFrame:
+    with path.open("rb") as file:
+        return pl.read_parquet(file)
+
+
+def csv_ready(frame: pl.DataFrame) -> pl.DataFrame:
+    """CSV has no lists or structs: each nested column becomes JSON text."""
+    nested = [name for name, dtype in frame.schema.items() if dtype.is_nested()]
+    return frame.with_columns(
+        pl.Series(
+            name,
+            [
+                None if v is None else json.dumps(v, ensure_ascii=False, default=str)
+                for v in frame[name].to_list()
+            ],
+            dtype=pl.String,
+        )
+        for name in nested
+    )
+
+
+@main.command()
+@click.argument("dataset", default="demo")
+@click.option(
+    "--format",
+    "kind",
+    type=click.Choice(["parquet", "csv", "kura"]),
+    default="parquet",
+    show_default=True,
+    help="kura: a Kura 0.5 checkpoint folder its UI and models load.",
+)
+@click.option("--out", type=click.Path(), required=True, help="The folder to write to.")
+def export(dataset: str, kind: str, out: str) -> None:
+    """Write DATASET's tables to the folder OUT: Parquet or CSV files (one per stage), or a Kura
+    checkpoint (conversations, summaries, clusters, meta_clusters, dimensionality)."""
+    _known(dataset, *_registry_entries((dataset,)))
+    folder = Path(out).resolve()
+    if folder.exists() and not folder.is_dir():
+        _fail(f"--out {folder} is a file, not a folder")
+    paths = {stage: data_stage_path(stage, dataset) for stage in _table_stages()}
+    if kind == "kura":
+        missing = [stage for stage in KURA_STAGES if not paths[stage].exists()]
+        if missing:
+            _fail(f"no {', '.join(missing)} for {dataset!r} yet: run `kura-pipeline run {dataset}` first")
+        folder.mkdir(parents=True, exist_ok=True)
+        counts = write_kura_checkpoint(folder, *(_read(paths[stage]) for stage in KURA_STAGES))
+        for name, count in counts.items():
+            click.echo(f"{folder / name}: {count} records")
+        click.echo(
+            f"a Kura checkpoint of {dataset!r}: Kura's UI (`kura`, then Load Checkpoint) takes "
+            "conversations.jsonl, summaries.jsonl and dimensionality.jsonl"
+        )
+        return
+    present = {stage: path for stage, path in paths.items() if path.exists()}
+    if not present:
+        _fail(f"nothing to export for {dataset!r}: run `kura-pipeline run {dataset}` first")
+    folder.mkdir(parents=True, exist_ok=True)
+    for stage, path in present.items():
+        target = folder / f"{stage}.{kind}"
+        if kind == "parquet":
+            with path.open("rb") as source, target.open("wb") as copy:
+                shutil.copyfileobj(source, copy)  # the stored table as it is
+            rows = table_rows(path)
+        else:
+            frame = _read(path)
+            csv_ready(frame).write_csv(target)
+            rows = frame.height
+        click.echo(f"{target}: {rows} rows")

@@ -15,19 +15,21 @@ a bad one stops with one line naming the variable and its range (`SettingError`)
 from __future__ import annotations
 
 import os
+import warnings
 
-from dagster import AssetSelection, Definitions, EnvVar, define_asset_job
+from dagster import AssetSelection, DagsterInstance, Definitions, EnvVar, define_asset_job
 
 from kura_pipeline.assets import ALL_ASSETS
-from kura_pipeline.assets.explorer import HtmlIOManager
 from kura_pipeline.core.llm import allowed_range, check_setting
+from kura_pipeline.core.registry import RegistryError, read_registry_entries
 from kura_pipeline.partitions import datasets_partitions
 from kura_pipeline.resources.embedder import LOCAL_MODELS as LOCAL_EMBEDDING_MODELS
 from kura_pipeline.resources.embedder import MINILM, EmbedderResource
-from kura_pipeline.resources.io_manager import ParquetIOManager, StageReader
+from kura_pipeline.resources.io_manager import storage_resources
 from kura_pipeline.resources.llm import LLMResource, clients_from_file
 from kura_pipeline.resources.privacy import PrivacyPolicy
 from kura_pipeline.resources.registry import DEFAULT_REGISTRY, DatasetRegistry
+from kura_pipeline.resources.storage import data_dir_from_env
 from kura_pipeline.schedules import recluster_schedule
 from kura_pipeline.sensors import dataset_registry_sensor, inbox_sensor
 
@@ -104,11 +106,9 @@ def build_resources() -> dict[str, object]:
     local_model = os.getenv("KURA_LLM_LOCAL_MODEL")
     backend = "local" if local_model else "openai" if (llm_model or llm_base_url) else "offline"
     embeddings_model = os.getenv("KURA_EMBEDDINGS_MODEL")
-    data_dir = os.getenv("KURA_DATA_DIR", "data")
+    data_dir = data_dir_from_env()
     return {
-        "io_manager": ParquetIOManager(base_path=data_dir),
-        "stages": StageReader(base_path=data_dir),
-        "html_io_manager": HtmlIOManager(base_path=data_dir),
+        **storage_resources(data_dir),
         "privacy": PrivacyPolicy(),
         "registry": DatasetRegistry(path=os.getenv("KURA_DATASETS", DEFAULT_REGISTRY)),
         "llm": LLMResource(
@@ -141,3 +141,39 @@ defs = Definitions(
     schedules=[recluster_schedule],
     resources=build_resources(),
 )
+
+
+def register_registry_datasets(registry_path: str) -> list[str]:
+    """Every good dataset of the registry as a partition of the instance at DAGSTER_HOME, as
+    these definitions load; returns the ones that were new.
+
+    Partition keys of a DynamicPartitionsDefinition live in the instance, and Dagster checks a
+    `--partition` against them before it runs anything: on a fresh instance, `dagster asset
+    materialize --partition demo` failed (DagsterInvalidSubsetError) until something had added
+    the key. The registry is the source of truth for the datasets, so they are added when the
+    code that reads it loads (the CLI, `dagster dev`'s code server, a run's process); the
+    registry sensor still adds datasets that appear later (an edited registry, a new inbox
+    folder) while `dagster dev` runs. Without DAGSTER_HOME there is no persistent instance to
+    register in (tests build their own), and nothing here may stop the definitions loading: a
+    registry or instance problem is left to the sensor and the CLI, which report it."""
+    if not os.getenv("DAGSTER_HOME"):
+        return []
+    try:
+        datasets = read_registry_entries(registry_path)[0]
+        if not datasets:
+            return []
+        with DagsterInstance.get() as instance:
+            known = set(instance.get_dynamic_partitions(datasets_partitions.name))
+            new = sorted(set(datasets) - known)
+            if new:
+                instance.add_dynamic_partitions(datasets_partitions.name, new)
+            return new
+    except RegistryError:
+        return []
+    except Exception as error:  # an instance that cannot be opened here: its own commands say why
+        warnings.warn(f"could not register the registry's datasets as partitions: {error}", stacklevel=1)
+        return []
+
+
+# The datasets this process added as partitions while loading (for `kura-pipeline register`).
+registered_on_load = register_registry_datasets(defs.resources["registry"].path)

@@ -5,29 +5,47 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
+import socket
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from importlib.metadata import version
 from pathlib import Path
 
 import polars as pl
 import pytest
+from dagster import DagsterInstance
+
+from kura_pipeline.cli import format_llm_totals, llm_totals
+from kura_pipeline.core.frames import conversations_to_frame
+from kura_pipeline.core.models import Conversation
+from kura_pipeline.partitions import datasets_partitions
+from kura_pipeline.servers.loopback import LoopbackServer
 
 KURA_PIPELINE = str(Path(sys.executable).parent / "kura-pipeline")
 
 
-def kura(tmp_path: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KURA_", "DAGSTER_", "OPENAI_"))}
+def cli_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("KURA_", "DAGSTER_", "OPENAI_", "BROWSER"))
+    }
     (tmp_path / "dagster.yaml").touch()
+    return env | {
+        "KURA_DATASETS": str(tmp_path / "datasets.yaml"),
+        "KURA_DATA_DIR": str(tmp_path / "data"),
+        "KURA_LLM_CACHE": str(tmp_path / "cache.sqlite3"),
+        "DAGSTER_HOME": str(tmp_path),
+        **extra,
+    }
+
+
+def kura(tmp_path: Path, *args: str, timeout: int = 300, **extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [KURA_PIPELINE, *args],
-        env=env
-        | {
-            "KURA_DATASETS": str(tmp_path / "datasets.yaml"),
-            "KURA_DATA_DIR": str(tmp_path / "data"),
-            "KURA_LLM_CACHE": str(tmp_path / "cache.sqlite3"),
-            "DAGSTER_HOME": str(tmp_path),
-        },
+        env=cli_env(tmp_path, **extra),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -106,6 +124,9 @@ def test_run_other_works_beside_a_bad_entry_and_list_counts_its_stages(dataset_d
     result = kura(dataset_dir, "run", "topics", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Every stage of 'topics' done" in result.stdout
+    assert "LLM: not used (offline backend)" in result.stdout.splitlines()
+    page = dataset_dir / "data" / "explorer" / "topics.html"
+    assert f"Explorer: {page} (open it: kura-pipeline open topics)" in result.stdout.splitlines()
     warnings = [line for line in result.stderr.splitlines() if line.startswith("kura-pipeline: warning:")]
     assert len(warnings) == 1 and "'typo'" in warnings[0], result.stderr[-3000:]
 
@@ -124,7 +145,230 @@ def test_registry_and_data_dir_options_point_the_cli_elsewhere(dataset_dir: Path
     options = ["--registry", "elsewhere.yaml", "--data-dir", "other-data"]
     listed = kura(dataset_dir, *options, "list")
     assert listed.returncode == 0, listed.stderr[-3000:]
-    assert listed.stdout.strip().splitlines() == [
-        "topics: not registered (run `kura-pipeline register`), 3 conversations"
-    ]
+    # Loading the definitions registered the dataset named by --registry (the fresh-instance fix).
+    assert listed.stdout.strip().splitlines() == ["topics: registered, 3 conversations"]
     one_line_error(kura(dataset_dir, *options, "tree", "nope"), str(dataset_dir / "elsewhere.yaml"), "topics")
+
+
+# --- open / serve ------------------------------------------------------------------------------
+
+PAGE = "<!doctype html><title>topics</title><p>the explorer of topics</p>"
+
+
+def explorer_page(folder: Path, dataset: str = "topics") -> Path:
+    page = folder / "data" / "explorer" / f"{dataset}.html"
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text(PAGE, encoding="utf-8")
+    return page
+
+
+def test_open_prints_the_page_path_and_hands_its_url_to_the_browser(dataset_dir: Path) -> None:
+    page = explorer_page(dataset_dir)
+    opened = dataset_dir / "opened.txt"
+    browser = dataset_dir / "browser.sh"  # webbrowser runs $BROWSER with the URL
+    browser.write_text(f'#!/bin/sh\necho "$1" > {opened}\n', encoding="utf-8")
+    browser.chmod(0o755)
+    result = kura(dataset_dir, "open", "topics", BROWSER=str(browser))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == str(page)
+    assert opened.read_text(encoding="utf-8").strip() == page.as_uri()
+
+    opened.unlink()
+    quiet = kura(dataset_dir, "open", "topics", "--no-browser", BROWSER=str(browser))
+    assert quiet.returncode == 0 and quiet.stdout.strip() == str(page), quiet.stderr[-3000:]
+    assert not opened.exists()
+
+
+@pytest.mark.parametrize("command", ["open", "serve"])
+def test_open_or_serve_before_a_run_is_one_line(dataset_dir: Path, command: str) -> None:
+    one_line_error(
+        kura(dataset_dir, command, "topics"), "no explorer page for 'topics'", "kura-pipeline run topics"
+    )
+    one_line_error(kura(dataset_dir, command, "nope"), "unknown dataset 'nope'", "topics")
+
+
+def test_serve_answers_on_127_0_0_1_with_the_page_and_stops_on_ctrl_c(dataset_dir: Path) -> None:
+    explorer_page(dataset_dir)
+    server = subprocess.Popen(
+        [KURA_PIPELINE, "serve", "topics", "--port", "0"],
+        env=cli_env(dataset_dir),
+        cwd=dataset_dir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # SIGINT as a terminal's Ctrl-C delivers it, whatever the test runner's own disposition.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        found = re.search(r"at http://127\.0\.0\.1:(\d+)/ \(Ctrl-C stops\)$", line.strip())
+        assert found, line
+        url = f"http://127.0.0.1:{found.group(1)}/"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            assert response.status == 200
+            assert response.headers["Content-Type"] == "text/html; charset=utf-8"
+            assert response.read().decode("utf-8") == PAGE
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(url + "secrets.parquet", timeout=10)
+        assert missing.value.code == 404
+        server.send_signal(signal.SIGINT)
+        out, err = server.communicate(timeout=20)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    assert server.returncode == 0, err[-3000:]
+    assert out.strip() == "stopped" and "Traceback" not in err, (out, err)
+
+
+def test_serve_on_a_port_in_use_is_one_line(dataset_dir: Path) -> None:
+    explorer_page(dataset_dir)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        one_line_error(
+            kura(dataset_dir, "serve", "topics", "--port", str(port)), f"127.0.0.1:{port}", "in use"
+        )
+
+
+# --- export ------------------------------------------------------------------------------------
+
+
+def stage_file(folder: Path, stage: str, frame: pl.DataFrame, dataset: str = "topics") -> Path:
+    path = folder / "data" / stage / f"{dataset}.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.write_parquet(path)
+    return path
+
+
+def test_export_parquet_copies_each_stage_table_and_csv_flattens_nested_columns(
+    dataset_dir: Path, conversations: list[Conversation]
+) -> None:
+    raw = stage_file(dataset_dir, "raw_conversations", conversations_to_frame(conversations))
+    stage_file(dataset_dir, "projections", pl.DataFrame({"id": ["a"], "cluster_ids": [["c1", "c2"]]}))
+
+    parquet = kura(dataset_dir, "export", "topics", "--format", "parquet", "--out", "out-parquet")
+    assert parquet.returncode == 0, parquet.stderr[-3000:]
+    out = dataset_dir / "out-parquet"
+    assert parquet.stdout.splitlines() == [
+        f"{out / 'raw_conversations.parquet'}: {len(conversations)} rows",
+        f"{out / 'projections.parquet'}: 1 rows",
+    ]
+    assert (out / "raw_conversations.parquet").read_bytes() == raw.read_bytes()
+
+    csv = kura(dataset_dir, "export", "topics", "--format", "csv", "--out", "out-csv")
+    assert csv.returncode == 0, csv.stderr[-3000:]
+    table = pl.read_csv(dataset_dir / "out-csv" / "raw_conversations.csv")
+    assert table.height == len(conversations)
+    first = json.loads(table["messages"][0])
+    assert first[0]["role"] == "user" and first[0]["content"] == conversations[0].messages[0].content
+    assert json.loads(pl.read_csv(dataset_dir / "out-csv" / "projections.csv")["cluster_ids"][0]) == [
+        "c1",
+        "c2",
+    ]
+
+
+def test_export_errors_are_one_line(dataset_dir: Path, conversations: list[Conversation]) -> None:
+    one_line_error(kura(dataset_dir, "export", "topics", "--out", "x"), "nothing to export for 'topics'")
+    stage_file(dataset_dir, "raw_conversations", conversations_to_frame(conversations))
+    one_line_error(
+        kura(dataset_dir, "export", "topics", "--format", "kura", "--out", "x"),
+        "no conversation_summaries, meta_clusters, projections for 'topics'",
+    )
+    one_line_error(
+        kura(dataset_dir, "export", "topics", "--format", "xml", "--out", "x"), "'--format'", "'xml'"
+    )
+    one_line_error(kura(dataset_dir, "export", "topics"), "Missing option '--out'")
+    (dataset_dir / "afile").write_text("", encoding="utf-8")
+    one_line_error(kura(dataset_dir, "export", "topics", "--out", "afile"), "is a file, not a folder")
+    one_line_error(kura(dataset_dir, "exprot", "topics"), "No such command 'exprot'")
+
+
+def test_tree_before_a_run_is_one_line(dataset_dir: Path) -> None:
+    one_line_error(
+        kura(dataset_dir, "tree", "topics"), "no clusters for 'topics'", "kura-pipeline run topics"
+    )
+
+
+# --- LLM totals at the end of a run ------------------------------------------------------------
+
+
+def test_llm_totals_add_up_the_stages_and_say_when_there_was_no_model() -> None:
+    stages = [
+        {"backend": "offline"},
+        {
+            "llm_calls": 40,
+            "llm_cache_hits": 2,
+            "llm_input_tokens": 1000,
+            "llm_output_tokens": 300,
+            "llm_cost_usd": 0.01,
+        },
+        {
+            "llm_calls": 5,
+            "llm_cache_hits": 0,
+            "llm_input_tokens": 200,
+            "llm_output_tokens": 50,
+            "llm_failures": 1,
+        },
+    ]
+    totals = llm_totals(stages)
+    assert format_llm_totals(totals) == (
+        "LLM: 45 calls, 2 cache hits, 1,200 input + 350 output tokens, 1 failed, $0.0100"
+    )
+    assert llm_totals([{"backend": "offline"}]) is None
+    assert format_llm_totals(None) == "LLM: not used (offline backend)"
+
+
+@pytest.mark.slow
+def test_run_prints_the_llm_totals_and_the_explorer_page(dataset_dir: Path) -> None:
+    with LoopbackServer() as server:
+        result = kura(
+            dataset_dir,
+            "run",
+            "topics",
+            timeout=600,
+            KURA_LLM_BASE_URL=server.base_url,
+            KURA_LLM_MODEL="loopback",
+            KURA_LLM_INPUT_PRICE="1.0",
+            KURA_LLM_OUTPUT_PRICE="2.0",
+        )
+        calls = server.stats.count("chat")
+    assert result.returncode == 0, result.stderr[-3000:]
+    [totals] = [line for line in result.stdout.splitlines() if line.startswith("LLM: ")]
+    assert totals.startswith(f"LLM: {calls:,} calls, 0 cache hits, "), (totals, calls)
+    assert re.search(r"\d input \+ [\d,]+ output tokens, \$\d+\.\d{4}$", totals), totals
+    page = dataset_dir / "data" / "explorer" / "topics.html"
+    assert f"Explorer: {page} (open it: kura-pipeline open topics)" in result.stdout.splitlines()
+    assert page.exists()
+
+
+# --- `dagster asset materialize` on a fresh instance -------------------------------------------
+
+
+@pytest.mark.slow
+def test_dagster_asset_materialize_works_on_a_fresh_instance_for_every_registry_dataset(
+    dataset_dir: Path,
+) -> None:
+    entries = json.loads((dataset_dir / "datasets.yaml").read_text(encoding="utf-8"))
+    entries["datasets"]["topics-again"] = entries["datasets"]["topics"]
+    registry(dataset_dir, json.dumps(entries))
+    home = dataset_dir / "fresh_home"  # never touched by `kura-pipeline register`
+    home.mkdir()
+    env = cli_env(dataset_dir, DAGSTER_HOME=str(home))
+    dagster = str(Path(sys.executable).parent / "dagster")
+    for dataset in ("topics", "topics-again"):
+        done = subprocess.run(
+            [dagster, "asset", "materialize", "-m", "kura_pipeline.definitions"]
+            + ["--select", "raw_conversations", "--partition", dataset],
+            env=env,
+            cwd=dataset_dir,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert pl.read_parquet(dataset_dir / "data" / "raw_conversations" / f"{dataset}.parquet").height == 40
+    with DagsterInstance.from_config(str(home)) as instance:
+        assert sorted(instance.get_dynamic_partitions(datasets_partitions.name)) == ["topics", "topics-again"]

@@ -35,7 +35,25 @@ def test_a_killed_in_process_run_is_marked_failed_and_a_live_one_is_not(tmp_path
             killed = instance.get_runs(filters=RunsFilter(tags={RUN_PID_TAG: str(worker.pid)}))[0]
             assert killed.status == DagsterRunStatus.STARTED  # Dagster alone never learns of it
 
-            assert fail_abandoned_runs(instance) == [killed.run_id]
+            # The next CLI command on this instance says so and fails the run.
+            registry = tmp_path / "datasets.yaml"
+            registry.write_text("datasets:\n  demo:\n    loader: sharegpt\n    options: {path: x.json}\n")
+            listed = subprocess.run(
+                [
+                    str(Path(sys.executable).parent / "kura-pipeline"),
+                    "--registry",
+                    str(registry),
+                    "--data-dir",
+                    str(tmp_path / "data"),
+                    "list",
+                ],
+                env=environment,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            assert listed.returncode == 0, listed.stderr[-2000:]
+            assert f"run {killed.run_id[:8]} was left unfinished" in listed.stderr
             assert instance.get_run_by_id(killed.run_id).status == DagsterRunStatus.FAILURE
             messages = [record.message for record in instance.all_logs(killed.run_id)]
             assert any(f"pid {worker.pid}" in message and "killed" in message for message in messages)

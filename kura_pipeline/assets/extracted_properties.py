@@ -1,15 +1,18 @@
 import polars as pl
-from dagster import AssetExecutionContext, Config, Output, asset
+from dagster import AssetExecutionContext, Config, Failure, Output, asset
 
-from kura_pipeline.core.extract import extract_properties, load_extractor
+from kura_pipeline.core.extract import ExtractorError, extract_properties, load_extractor
 from kura_pipeline.core.frames import iter_conversation_chunks, properties_to_frame
 from kura_pipeline.core.llm import combined_metadata, run_llm
 from kura_pipeline.partitions import datasets_partitions
 from kura_pipeline.resources.llm import LLMResource
+from kura_pipeline.resources.registry import DatasetRegistry
 
 
 class ExtractorsConfig(Config):
-    """Built-in names or 'module:function' references (Kura's extractor signature)."""
+    """Built-in names or 'module:function' references: Kura's signature (conversation, sems,
+    clients) or the project's (conversation, clients=, semaphores=). The dataset's own
+    `extractors:` in the registry are added to these."""
 
     extractors: list[str] = ["message_count", "user_turns", "conversation_characters"]
 
@@ -20,9 +23,16 @@ def extracted_properties(
     config: ExtractorsConfig,
     raw_conversations: pl.DataFrame,
     llm: LLMResource,
+    registry: DatasetRegistry,
 ) -> Output:
     """The user's extractors and the conversations' own metadata, long form (chat_id, name, value)."""
-    extractors = {reference: load_extractor(reference) for reference in config.extractors}
+    spec = registry.get(context.partition_key)
+    references = list(dict.fromkeys([*config.extractors, *spec.extractors]))  # in order, once each
+    try:
+        extractors = {reference: load_extractor(reference) for reference in references}
+    except ExtractorError as error:
+        # One line naming the dataset and the entry, not an import traceback.
+        raise Failure(description=f"dataset {spec.name!r}: {error}") from None
     clients = llm.all_clients(log=context.log.info)
 
     async def extract_in_chunks() -> tuple[list[pl.DataFrame], list[str]]:
@@ -44,8 +54,10 @@ def extracted_properties(
         frame,
         metadata={
             "backend": llm.label,
+            "extractors": ", ".join(references),
             "properties": frame["name"].n_unique(),
             "extractor_failures": len(failures),
+            **({"first_extractor_failure": failures[0]} if failures else {}),
             **(combined_metadata(list(clients.values())) if clients else {}),
         },
     )

@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 # Partition keys show up in paths and URLs: keep them plain.
 DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# An extractor entry: a built-in name, or 'package.module:function' (imported when the stage runs).
+EXTRACTOR_REFERENCE = re.compile(r"^[A-Za-z_][\w.]*(:[A-Za-z_][\w.]*)?$")
 
 
 class DatasetSpec(BaseModel):
@@ -23,6 +25,17 @@ class DatasetSpec(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
     description: str = ""
     inbox: str | None = None
+    # Extractors for this dataset, added to the stage's configured ones: checked for shape
+    # here, imported only when extracted_properties runs (a registry read must stay cheap).
+    extractors: list[str] = Field(default_factory=list)
+
+    @field_validator("extractors")
+    @classmethod
+    def _references(cls, values: list[str]) -> list[str]:
+        for value in values:
+            if not EXTRACTOR_REFERENCE.match(value):
+                raise ValueError(f"{value!r} is neither a built-in extractor nor 'package.module:function'")
+        return values
 
 
 class InboxRoot(BaseModel):

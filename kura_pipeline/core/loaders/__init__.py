@@ -43,8 +43,13 @@ from kura_pipeline.core.loaders.claude import iter_claude_export, load_claude_ex
 from kura_pipeline.core.loaders.dedup import DUPLICATE_REASONS, Deduplicator, deduplicate
 from kura_pipeline.core.loaders.generic import iter_jsonl, load_jsonl, load_parquet
 from kura_pipeline.core.loaders.huggingface import load_hf_dataset
+from kura_pipeline.core.loaders.kura_checkpoint import (
+    iter_kura_checkpoint,
+    load_kura_checkpoint,
+    load_kura_summaries,
+)
 from kura_pipeline.core.loaders.sharegpt import load_sharegpt, load_sharegpt_package
-from kura_pipeline.core.models import Conversation
+from kura_pipeline.core.models import Conversation, ConversationSummary
 
 LOADERS: dict[str, Callable[..., LoadResult]] = {
     "claude": load_claude_export,
@@ -54,6 +59,7 @@ LOADERS: dict[str, Callable[..., LoadResult]] = {
     "jsonl": load_jsonl,
     "parquet": load_parquet,
     "huggingface": load_hf_dataset,
+    "kura_checkpoint": load_kura_checkpoint,
 }
 
 
@@ -62,7 +68,20 @@ STREAMING_LOADERS: dict[str, Callable[..., Iterator[Conversation | SkippedRecord
     "claude": iter_claude_export,
     "chatgpt": iter_chatgpt_export,
     "jsonl": iter_jsonl,
+    "kura_checkpoint": iter_kura_checkpoint,
 }
+
+# Loaders whose source also carries summaries already made (Kura's checkpoints): the summaries
+# stage can take these instead of paying a model again. Same options as the loader.
+SUMMARY_LOADERS: dict[str, Callable[..., tuple[dict[str, ConversationSummary], list[SkippedRecord]]]] = {
+    "kura_checkpoint": load_kura_summaries,
+}
+
+
+def prior_summaries(loader: str, options: dict[str, Any]) -> dict[str, ConversationSummary]:
+    """The summaries a dataset's source already carries, by chat_id ({} for most loaders)."""
+    load_summaries = SUMMARY_LOADERS.get(loader)
+    return load_summaries(**options)[0] if load_summaries is not None else {}
 
 
 def _checked(loader: str, options: dict[str, Any]) -> Callable[..., LoadResult]:
@@ -116,6 +135,7 @@ __all__ = [
     "LOADERS",
     "STREAMING_LOADERS",
     "REPLACED_CHARACTERS",
+    "SUMMARY_LOADERS",
     "LoadResult",
     "LoaderError",
     "SkippedRecord",
@@ -125,8 +145,11 @@ __all__ = [
     "load_chatgpt_export",
     "load_claude_export",
     "load_hf_dataset",
+    "load_kura_checkpoint",
+    "load_kura_summaries",
     "load_jsonl",
     "load_parquet",
     "load_sharegpt",
     "load_sharegpt_package",
+    "prior_summaries",
 ]
