@@ -733,7 +733,16 @@ def test_load_runs_the_named_loader_then_deduplicates() -> None:
 
 
 def test_load_rejects_unknown_loaders_and_bad_options() -> None:
-    names = ["claude", "chatgpt", "sharegpt", "sharegpt_package", "jsonl", "parquet", "huggingface", "kura_checkpoint"]
+    names = [
+        "claude",
+        "chatgpt",
+        "sharegpt",
+        "sharegpt_package",
+        "jsonl",
+        "parquet",
+        "huggingface",
+        "kura_checkpoint",
+    ]
     assert list(LOADERS) == names
     with pytest.raises(LoaderError) as error:
         load("csv", path="x.csv")
