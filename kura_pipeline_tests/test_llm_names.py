@@ -378,3 +378,32 @@ def test_the_tree_says_whether_a_name_or_only_a_description_was_written_without_
     assert lines["practice"].endswith("[described without the LLM]")
     assert lines["forms"].endswith("[named without the LLM]")
     assert "without the LLM" not in lines["Sourdough"]
+
+
+def test_an_offline_fallback_over_llm_summaries_names_no_template_words_and_no_free_text_task():
+    # Measured with Qwen 0.5B: a fallback named "User's overall request and short" (the summary's
+    # own template) and "Mixed Building strong, supportive relationships requests and ..." (the
+    # model's free-text task read as a task type).
+    from kura_pipeline.core.backends import dataset_corpus
+    from kura_pipeline.core.frames import summaries_to_frame
+    from kura_pipeline.core.models import ConversationSummary
+    from kura_pipeline.core.naming import TASK_PLURALS, offline_labels
+    from kura_pipeline.core.privacy import AggregationThreshold
+
+    subjects = ["a sourdough loaf recipe", "a python script for csv files", "a birthday poem"]
+    summaries = [
+        ConversationSummary(
+            chat_id=f"c{i}",
+            summary=f"The user's overall request for the assistant is to help with {subjects[i % 3]}.",
+            task=f"The task is to build strong, supportive relationships {i}",
+        )
+        for i in range(30)
+    ]
+    chat_ids = [s.chat_id for s in summaries]
+    corpus = dataset_corpus(summaries_to_frame(summaries), chat_ids, AggregationThreshold(5, 1), "user_id")
+    assert all(task in TASK_PLURALS for task in corpus.naming.tasks)
+    labels = offline_labels(corpus.naming, [list(range(i, 30, 3)) for i in range(3)])
+    text = " ".join(f"{label.name} {label.description}" for label in labels).lower()
+    assert "overall request" not in text and "assistant" not in text
+    assert "relationships" not in text
+    assert any("sourdough" in label.name.lower() for label in labels)

@@ -32,11 +32,18 @@ from kura_pipeline.core.hierarchy import (
 )
 from kura_pipeline.core.llm import LLMClient, LLMStageFailed, combined_metadata, run_llm
 from kura_pipeline.core.models import Cluster, Conversation
-from kura_pipeline.core.naming import ClusterLabel, NamingInputs, llm_labels, naming_inputs, offline_labels
+from kura_pipeline.core.naming import (
+    TASK_PLURALS,
+    ClusterLabel,
+    NamingInputs,
+    llm_labels,
+    naming_inputs,
+    offline_labels,
+)
 from kura_pipeline.core.privacy import AggregationThreshold, users_from_metadata
 from kura_pipeline.core.privacy_audit import audit_clusters, withheld_by_audit
 from kura_pipeline.core.prompts import SUMMARY_PROMPT
-from kura_pipeline.core.summarise import SummaryRun, summarise_all_offline, summarise_all_with_llm
+from kura_pipeline.core.summarise import SummaryRun, summarise_all_offline, summarise_all_with_llm, task_type
 
 OFFLINE_LABEL = "offline (no LLM)"
 
@@ -83,7 +90,12 @@ def dataset_corpus(
     """The corpus of the embedded conversations, in `chat_ids` order (the embedding rows)."""
     ok = summaries.filter(pl.col("failure_reason").is_null())
     text_of = summaries_by_chat(ok)
-    task_of = dict(zip(ok["chat_id"].to_list(), ok["task"].to_list(), strict=True))
+    # Offline names and descriptions speak of task types from a fixed vocabulary; an LLM's
+    # summary has a free-text task ("The task is to ..."): its type comes from the same rule.
+    task_of = {
+        chat: task if task in TASK_PLURALS else task_type(text_of.get(chat) or "")
+        for chat, task in zip(ok["chat_id"].to_list(), ok["task"].to_list(), strict=True)
+    }
     users = users_from_metadata(ok["metadata"].to_list(), ok["chat_id"].to_list(), user_field)
     return Corpus.build(
         chat_ids,

@@ -34,6 +34,9 @@ _REQUEST_WORDS = {
     "different", "best", "great", "able", "kind", "lot", "bad", "right", "text", "words", "word",
     "below", "above", "continue", "dear", "sir", "i'd", "i'm", "i've", "it's", "don't", "dont",
     "that's", "let's", "additionally", "little",
+    # An LLM summary's own template ("The user's overall request for the assistant is to..."):
+    # named after, a cluster of them would be "User's overall request".
+    "overall", "request", "requests", "assistant", "task", "asking", "asks",
 }  # fmt: skip
 _OTHER_LANGUAGE_WORDS = {
     "el", "la", "de", "que", "y", "en", "los", "por", "para", "una", "es", "con", "le", "les",
