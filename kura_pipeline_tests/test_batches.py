@@ -183,7 +183,9 @@ def test_batches_cost_only_what_is_new_and_clusters_keep_their_identity(tmp_path
         kept = clusters.filter(pl.col("lineage") == "kept")
         assert kept.height >= 4
         assert all(before[row["id"]] == row["name"] for row in kept.iter_rows(named=True))
-        assert _calls(server, "<inside>") == clusters.height - kept.height  # naming only for non-kept
+        # Naming only for the clusters not kept (a generic answer is asked for once more).
+        named = clusters.height - kept.height
+        assert named <= _calls(server, "<requests>") <= 2 * named
         # Sizes per batch: every cluster's batches add up to its size; the new batch counts 4.
         per_batch = [{b["batch"]: b["count"] for b in row} for row in clusters["batch_counts"]]
         assert [sum(c.values()) for c in per_batch] == clusters["count"].to_list()

@@ -133,8 +133,8 @@ def test_run_other_works_beside_a_bad_entry_and_list_counts_its_stages(dataset_d
     listed = kura(dataset_dir, "list")
     assert listed.returncode == 0, listed.stderr[-3000:]
     [line] = listed.stdout.strip().splitlines()
-    assert line.startswith("topics: registered, ") and line.endswith(" clusters"), line
-    assert " conversations, " in line, line
+    assert line.startswith("topics: registered, ") and " conversations, " in line, line
+    assert re.search(r" clusters, last run success \d{4}-\d\d-\d\d \d\d:\d\d$", line), line
 
 
 def test_registry_and_data_dir_options_point_the_cli_elsewhere(dataset_dir: Path) -> None:
