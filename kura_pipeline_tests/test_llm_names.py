@@ -121,6 +121,7 @@ GOOD = {
         "Help Request Group",
         "General Questions",
         "Users request help with tasks",
+        "Describe the users' requests",  # Qwen 1.5B, 2026-12-06: the instruction, as a name
         "Tune a violin's pegs and fine tuners",  # the prompt's own example, copied
     ],
 )

@@ -178,7 +178,8 @@ _FILLER_TEXT = """
     response responses question questions query queries inquiry inquiries task tasks topic
     topics category categories group groups kind kinds type types user users people person
     information info stuff things thing issue issues interaction interactions discussion
-    discussions"""
+    discussions describe describes describing description name names naming label labels
+    sentence"""  # the instruction's own verbs: 1.5B named a cluster "Describe the users' requests"
 _FILLER_WORDS = frozenset(_FILLER_TEXT.split())
 _FRAMING_WORDS = frozenset(
     {
