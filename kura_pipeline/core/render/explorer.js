@@ -268,7 +268,12 @@
     return li;
   }
 
-  function fallbackText(c) { return `named without the LLM: ${C.fallback[c]}`; }
+  // A guard's reason already says what was done without the model ("named/described without
+  // the LLM: ..."); an older reason gets the prefix.
+  function fallbackText(c) {
+    const reason = C.fallback[c];
+    return /^(named|described) without the LLM/.test(reason) ? reason : `named without the LLM: ${reason}`;
+  }
 
   function renderTree() {
     document.getElementById("tree-hint").textContent = (filtered()
