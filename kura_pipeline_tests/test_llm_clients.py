@@ -119,7 +119,7 @@ def test_each_stage_calls_its_own_client_and_reports_its_cost(tmp_path: Path, da
         assert strong_models == {"strong-model"}
 
         summaries = _metadata(result, "conversation_summaries")
-        assert summaries["llm_calls"] == 40
+        assert summaries["llm_calls"] == 40 + len(CALIBRATION_CASES)
         assert summaries["llm_cost_usd"] == pytest.approx(
             (summaries["llm_input_tokens"] * 0.15 + summaries["llm_output_tokens"] * 0.6) / 1e6, abs=1e-6
         )
