@@ -28,7 +28,7 @@ from kura_pipeline.core.render.tree import fallback_note, render_tree
 from kura_pipeline.partitions import datasets_partitions
 from kura_pipeline.resources.registry import DatasetRegistry
 from kura_pipeline.resources.storage import page_path, stage_path, table_rows
-from kura_pipeline.run_health import fail_abandoned_runs, in_process_run_tags
+from kura_pipeline.run_health import fail_abandoned_runs, failed_steps, in_process_run_tags
 from kura_pipeline.sensors import unregistered_datasets
 
 DEFAULT_DAGSTER_HOME = ".dagster_home"
@@ -234,9 +234,8 @@ def run(datasets: tuple[str, ...], every: bool, descriptions: bool) -> None:
         )
         elapsed = time.monotonic() - started
         if not result.success:
-            for event in result.all_events:
-                if event.is_step_failure and event.step_failure_data:
-                    click.echo(f"{event.step_key} failed: {_reason(event.step_failure_data.error)}", err=True)
+            for line in failed_steps(result):
+                click.echo(line, err=True)
             sys.exit(1)
         _print_tree(dataset, descriptions, depth=None)
         click.echo(
@@ -253,15 +252,6 @@ def run(datasets: tuple[str, ...], every: bool, descriptions: bool) -> None:
         ]
         click.echo(format_llm_totals(llm_totals(materialized)))
         click.echo(f"Explorer: {explorer_path(dataset)} (open it: kura-pipeline open {dataset})\n")
-
-
-def _reason(error: Any) -> str:
-    """What went wrong in a step, in its own words: Dagster wraps the stage's exception in
-    "Error occurred while executing op ...", so the innermost cause, without its class path."""
-    while error.cause is not None:
-        error = error.cause
-    kind, _, message = error.message.strip().partition(": ")
-    return message if message and kind.endswith(error.cls_name or "\0") else error.message.strip()
 
 
 @main.command()

@@ -256,6 +256,7 @@ class Kura:
         from kura_pipeline.definitions import build_resources, kura_job
         from kura_pipeline.resources.io_manager import storage_resources
         from kura_pipeline.resources.registry import DatasetRegistry
+        from kura_pipeline.run_health import failed_steps
 
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         if self.override_checkpoint_dir:
@@ -302,12 +303,7 @@ class Kura:
                 },
             )
             if not result.success:
-                failures = [
-                    f"{event.step_key} failed: {_reason(event.step_failure_data.error)}"
-                    for event in result.all_events
-                    if event.is_step_failure and event.step_failure_data
-                ]
-                raise KuraRunFailed("; ".join(failures) or "the pipeline run failed")
+                raise KuraRunFailed("; ".join(failed_steps(result)) or "the pipeline run failed")
         self._read_results()
         assert self.clusters is not None
         return self.clusters
@@ -389,10 +385,3 @@ def _value(row: dict[str, Any]) -> Any:
     if kind in ("int", "float"):
         return int(text) if kind == "int" else float(text)
     return text
-
-
-def _reason(error: Any) -> str:
-    """A failed step's innermost cause, in its own words (Dagster wraps it in its own errors)."""
-    while error.cause is not None:
-        error = error.cause
-    return " ".join(error.message.strip().split())

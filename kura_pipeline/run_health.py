@@ -13,6 +13,7 @@ run monitoring instead: `run_monitoring` in deploy/dagster.yaml.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
@@ -43,3 +44,21 @@ def fail_abandoned_runs(instance: DagsterInstance) -> list[str]:
         )
         failed.append(run.run_id)
     return failed
+
+
+def step_reason(error: Any) -> str:
+    """What went wrong in a step, in its own words: Dagster wraps the stage's exception in
+    "Error occurred while executing op ...", so the innermost cause, without its class path."""
+    while error.cause is not None:
+        error = error.cause
+    kind, _, message = error.message.strip().partition(": ")
+    return message if message and kind.endswith(error.cls_name or "\0") else error.message.strip()
+
+
+def failed_steps(result: Any) -> list[str]:
+    """One line per failed step of an in-process run's result: "<step> failed: <reason>"."""
+    return [
+        f"{event.step_key} failed: {step_reason(event.step_failure_data.error)}"
+        for event in result.all_events
+        if event.is_step_failure and event.step_failure_data
+    ]
