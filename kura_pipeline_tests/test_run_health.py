@@ -22,14 +22,26 @@ def test_a_killed_in_process_run_is_marked_failed_and_a_live_one_is_not(tmp_path
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
     (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     environment = {**os.environ, "DAGSTER_HOME": str(tmp_path)}
-    worker = subprocess.Popen([sys.executable, str(SCRIPT)], env=environment)
-    live = subprocess.Popen([sys.executable, str(SCRIPT)], env=environment)
+    # The instance's SQLite storage is created here, once, before any worker starts: processes
+    # that create a fresh instance's storage at the same moment race on its schema stamp.
+    instance = DagsterInstance.get()
+    processes: list[subprocess.Popen] = []
+
+    def start_a_run() -> subprocess.Popen:
+        started = len(instance.get_runs(filters=RunsFilter(statuses=[DagsterRunStatus.STARTED])))
+        process = subprocess.Popen([sys.executable, str(SCRIPT)], env=environment)
+        processes.append(process)
+        end = time.monotonic() + 120
+        while len(instance.get_runs(filters=RunsFilter(statuses=[DagsterRunStatus.STARTED]))) <= started:
+            assert process.poll() is None, f"the worker exited with {process.returncode}"
+            assert time.monotonic() < end, "the run never started"
+            time.sleep(0.2)
+        return process
+
     try:
-        with DagsterInstance.get() as instance:
-            end = time.monotonic() + 120
-            while len(instance.get_runs(filters=RunsFilter(statuses=[DagsterRunStatus.STARTED]))) < 2:
-                assert time.monotonic() < end, "the runs never started"
-                time.sleep(0.2)
+        with instance:
+            worker = start_a_run()
+            live = start_a_run()
             os.kill(worker.pid, signal.SIGKILL)
             worker.wait()
             killed = instance.get_runs(filters=RunsFilter(tags={RUN_PID_TAG: str(worker.pid)}))[0]
@@ -61,7 +73,7 @@ def test_a_killed_in_process_run_is_marked_failed_and_a_live_one_is_not(tmp_path
             assert still.status == DagsterRunStatus.STARTED  # its process lives: left alone
             assert fail_abandoned_runs(instance) == []  # and nothing twice
     finally:
-        for process in (worker, live):
+        for process in processes:
             process.kill()
             process.wait()
 
