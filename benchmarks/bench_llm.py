@@ -5,7 +5,7 @@
 
 The floor is what a perfect client would take: calls x latency / concurrency (calls made: the
 few conversations that repeat another's text are answered from the cache). The loopback server
-(`kura_pipeline.servers.loopback`) runs in a process of its own, so its work does not share this
+(`kura_pipeline_tests.support.loopback`) runs in a process of its own, so its work does not share this
 process's interpreter; each size gets a fresh response cache, so every conversation is one call.
 
 Two measurements per size, in one invocation:
@@ -42,6 +42,8 @@ from kura_pipeline.core.models import Conversation, Message
 from kura_pipeline.core.prompts import DEFAULT_CONVERSATION_CHAR_BUDGET
 from kura_pipeline.core.summarise import summarise_all_with_llm
 
+REPO = Path(__file__).resolve().parent.parent
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -50,14 +52,15 @@ def free_port() -> int:
 
 
 class LoopbackProcess:
-    """`python -m kura_pipeline.servers.loopback` in a process of its own."""
+    """`python -m kura_pipeline_tests.support.loopback` in a process of its own."""
 
     def __init__(self, latency: float, keep_alive: bool = False):
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "kura_pipeline.servers.loopback", "--port", str(self.port),
+            [sys.executable, "-m", "kura_pipeline_tests.support.loopback", "--port", str(self.port),
              "--latency", str(latency), *(["--keep-alive"] if keep_alive else [])],
+            cwd=REPO,  # the server lives in the tests' support package, beside the installed one
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 60

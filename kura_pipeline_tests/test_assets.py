@@ -15,7 +15,7 @@ from kura_pipeline.resources.io_manager import ParquetIOManager, storage_resourc
 from kura_pipeline.resources.llm import LLMResource
 from kura_pipeline.resources.privacy import PrivacyPolicy
 from kura_pipeline.resources.registry import DatasetRegistry
-from kura_pipeline.servers.loopback import LoopbackServer
+from kura_pipeline_tests.support.loopback import LoopbackServer
 
 STAGES = [a.key.to_user_string() for a in ALL_ASSETS]
 # 5 topics x 8 conversations: one base cluster per topic, then a small hierarchy on top.

@@ -24,7 +24,7 @@ from kura_pipeline.resources.privacy import PrivacyPolicy
 from kura_pipeline.resources.registry import DatasetRegistry
 from kura_pipeline.schedules import datasets_due_for_reclustering
 from kura_pipeline.sensors import inbox_sensor
-from kura_pipeline.servers.loopback import LoopbackServer
+from kura_pipeline_tests.support.loopback import LoopbackServer
 
 from .conftest import make_conversations, write_jsonl
 

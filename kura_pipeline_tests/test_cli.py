@@ -23,7 +23,7 @@ from kura_pipeline.cli import format_llm_totals, llm_totals
 from kura_pipeline.core.frames import conversations_to_frame
 from kura_pipeline.core.models import Conversation
 from kura_pipeline.partitions import datasets_partitions
-from kura_pipeline.servers.loopback import LoopbackServer
+from kura_pipeline_tests.support.loopback import LoopbackServer
 
 KURA_PIPELINE = str(Path(sys.executable).parent / "kura-pipeline")
 

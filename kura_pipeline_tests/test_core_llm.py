@@ -35,7 +35,7 @@ from kura_pipeline.core.llm_cache import ResponseCache
 from kura_pipeline.core.models import Conversation, Message
 from kura_pipeline.core.prompts import SUMMARY_PROMPT, Prompt, SummaryResponse
 from kura_pipeline.core.summarise import summarise_all_with_llm
-from kura_pipeline.servers.loopback import LoopbackServer
+from kura_pipeline_tests.support.loopback import LoopbackServer
 
 KILL_SCRIPT = Path(__file__).parent / "scripts" / "summarise_subprocess.py"
 CHAR_BUDGET = 4000

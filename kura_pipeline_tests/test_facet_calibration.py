@@ -42,7 +42,7 @@ from kura_pipeline.resources.io_manager import ParquetIOManager
 from kura_pipeline.resources.llm import LLMResource
 from kura_pipeline.resources.privacy import PrivacyPolicy
 from kura_pipeline.resources.registry import DatasetRegistry
-from kura_pipeline.servers.loopback import LoopbackServer
+from kura_pipeline_tests.support.loopback import LoopbackServer
 
 from .test_explorer_counts import counts_frames
 

@@ -78,11 +78,10 @@ def _runtime_nodes(tree: ast.AST):
 
 
 def test_no_runtime_module_imports_the_test_servers_even_lazily():
-    """Every import statement of the package, inside functions too, but the loopback server's."""
+    """Every import statement of the package, inside functions too: none reaches for the tests'
+    support package (the loopback server) or its web stack."""
     offenders = []
     for path in sorted((ROOT / "kura_pipeline").rglob("*.py")):
-        if path.relative_to(ROOT).as_posix() == "kura_pipeline/servers/loopback.py":
-            continue
         for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
                 modules = [alias.name for alias in node.names]
@@ -91,7 +90,7 @@ def test_no_runtime_module_imports_the_test_servers_even_lazily():
             else:
                 continue
             for module in modules:
-                if module.split(".")[0] in TEST_ONLY or module == "kura_pipeline.servers.loopback":
+                if module.split(".")[0] in (*TEST_ONLY, "kura_pipeline_tests"):
                     offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {module}")
     assert not offenders, offenders
 
@@ -106,10 +105,9 @@ def test_runtime_modules_import_and_load_without_uvicorn_or_starlette(tmp_path):
 import kura_pipeline
 import kura_pipeline.cli
 import kura_pipeline.definitions as definitions
-skipped = {"kura_pipeline.servers.loopback"}
 imported = []
 for info in pkgutil.walk_packages(kura_pipeline.__path__, "kura_pipeline."):
-    if info.name in skipped or info.name.endswith("__main__"):
+    if info.name.endswith("__main__"):
         continue
     importlib.import_module(info.name)
     imported.append(info.name)
@@ -255,3 +253,15 @@ print(json.dumps({"coords_finite": bool(np.isfinite(coords).all()), "shape": lis
     )
     result = _run(script, tmp_path, _env_without_numba_cache())
     assert result == {"coords_finite": True, "shape": [60, 2], "uncached": True}
+
+
+def test_the_installed_package_carries_no_test_server():
+    """What `pip install .` copies: the packages setuptools finds with the project's own rules."""
+    from setuptools import find_packages
+
+    rules = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packages = find_packages(ROOT, include=rules["include"], exclude=rules["exclude"])
+    assert "kura_pipeline" in packages and "kura_pipeline.servers" in packages
+    assert not [package for package in packages if package.startswith("kura_pipeline_tests")]
+    modules = {path.stem for package in packages for path in (ROOT / package.replace(".", "/")).glob("*.py")}
+    assert not modules & {"loopback", "schema_instance"}

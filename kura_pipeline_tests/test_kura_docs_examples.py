@@ -40,8 +40,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from kura_pipeline.servers.loopback import LoopbackServer
 from kura_pipeline_tests.conftest import ANSWERS, TOPICS
+from kura_pipeline_tests.support.loopback import LoopbackServer
 
 DOC = Path(__file__).resolve().parents[2] / "shared" / "seed" / "kura-docs.md"
 LOOPBACK_KEY = "sk-loopback-not-a-real-key"

@@ -36,7 +36,7 @@ from kura_pipeline.notebook import Kura, SummaryModel
 from kura_pipeline.resources.io_manager import ParquetIOManager, StageReader
 from kura_pipeline.resources.llm import LLMResource
 from kura_pipeline.resources.registry import DatasetRegistry
-from kura_pipeline.servers.loopback import LoopbackServer
+from kura_pipeline_tests.support.loopback import LoopbackServer
 
 
 class Topic(BaseModel):

@@ -25,7 +25,7 @@ from kura_pipeline.resources.io_manager import storage_resources
 from kura_pipeline.resources.llm import LLMResource, NamedLLMClient, clients_from_file
 from kura_pipeline.resources.privacy import PrivacyPolicy
 from kura_pipeline.resources.registry import DatasetRegistry
-from kura_pipeline.servers.loopback import LoopbackServer
+from kura_pipeline_tests.support.loopback import LoopbackServer
 
 
 class Mood(BaseModel):

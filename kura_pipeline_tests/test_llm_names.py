@@ -25,7 +25,7 @@ from kura_pipeline.core.naming import (
     name_key,
 )
 from kura_pipeline.core.privacy import AggregationThreshold
-from kura_pipeline.servers.loopback import LoopbackServer
+from kura_pipeline_tests.support.loopback import LoopbackServer
 
 RETRY_MARK = "could not be used"  # in the note appended when a name is asked for again
 

@@ -30,7 +30,7 @@ from kura_pipeline.core.llm import (
 from kura_pipeline.core.llm_cache import HOST, ResponseCache, cache_key, claim_is_live
 from kura_pipeline.core.prompts import SUMMARY_PROMPT
 from kura_pipeline.core.redact import REDACTED, uninstall_redaction
-from kura_pipeline.servers.loopback import LoopbackServer
+from kura_pipeline_tests.support.loopback import LoopbackServer
 
 SCRIPT = Path(__file__).parent / "scripts" / "summarise_subprocess.py"
 

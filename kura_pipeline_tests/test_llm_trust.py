@@ -30,7 +30,7 @@ from kura_pipeline.core.prompts import SUMMARY_PROMPT, SummaryResponse
 from kura_pipeline.core.summarise import summarise_all_with_llm
 from kura_pipeline.definitions import SettingError, build_resources
 from kura_pipeline.resources.llm import LLMResource, NamedLLMClient, clients_from_file
-from kura_pipeline.servers.loopback import LoopbackServer
+from kura_pipeline_tests.support.loopback import LoopbackServer
 
 CHAR_BUDGET = 4000
 KEY_REFUSED = "the endpoint refused the key (HTTP 401)"

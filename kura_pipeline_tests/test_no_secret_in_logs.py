@@ -17,7 +17,7 @@ from kura_pipeline.core.models import Conversation, Message
 from kura_pipeline.core.redact import REDACTED, install_redaction, redact, uninstall_redaction
 from kura_pipeline.core.summarise import summarise_all_with_llm
 from kura_pipeline.resources.llm import LLMResource, NamedLLMClient
-from kura_pipeline.servers.loopback import LoopbackServer
+from kura_pipeline_tests.support.loopback import LoopbackServer
 
 KEY = "sk-test-0123456789abcdefSECRET"
 NAMED_KEY = "sk-named-9876543210fedcbaSECRET"

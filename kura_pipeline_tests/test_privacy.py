@@ -139,7 +139,7 @@ def test_the_auditor_rates_each_cluster_and_an_unaudited_cluster_is_withheld(tmp
 
     from kura_pipeline.core.llm import LLMClient, LLMSettings
     from kura_pipeline.core.privacy_audit import audit_clusters, withheld_by_audit
-    from kura_pipeline.servers.loopback import LoopbackServer
+    from kura_pipeline_tests.support.loopback import LoopbackServer
 
     clusters = [_cluster("a", 6), _cluster("b", 6), _cluster("c", 6)]
     with LoopbackServer() as server:

@@ -29,8 +29,8 @@ from instructor.core import InstructorRetryException
 from pydantic import BaseModel, Field, TypeAdapter
 
 from kura_pipeline.servers.llamacpp import LlamaCppServer, smollm2_gguf_path
-from kura_pipeline.servers.loopback import Faults, LoopbackServer
-from kura_pipeline.servers.schema_instance import generate_instance
+from kura_pipeline_tests.support.loopback import Faults, LoopbackServer
+from kura_pipeline_tests.support.schema_instance import generate_instance
 
 MESSAGES = [
     {"role": "system", "content": "You summarise conversations."},
@@ -464,7 +464,8 @@ def test_command_line_server() -> None:
         port = sock.getsockname()[1]
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kura_pipeline.servers.loopback", "--port", str(port), "--script", "429"],
+        [sys.executable, "-m", "kura_pipeline_tests.support.loopback", "--port", str(port)]
+        + ["--script", "429"],
         cwd=root,
         stdout=subprocess.PIPE,
         text=True,

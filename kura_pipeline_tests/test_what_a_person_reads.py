@@ -21,8 +21,8 @@ from kura_pipeline.core.phrases import words
 from kura_pipeline.core.render.shown import WITHHELD_LINE, shown_tree
 from kura_pipeline.core.render.tree import fallback_note, render_markdown_tree, render_tree
 from kura_pipeline.resources.llm import LLMResource
-from kura_pipeline.servers.loopback import LoopbackServer
 from kura_pipeline_tests.conftest import make_conversations, write_jsonl
+from kura_pipeline_tests.support.loopback import LoopbackServer
 from kura_pipeline_tests.test_assets import _materialize, _metadata, _stage
 
 CANARY = "zanzibarledger"

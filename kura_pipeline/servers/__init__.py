@@ -1,12 +1,10 @@
-"""Local OpenAI-compatible servers for tests, demos and benchmarks.
+"""The local OpenAI-compatible server of the fully local LLM path.
 
-- ``LoopbackServer`` (``loopback``): a schema-aware fake with fault injection
-  and request accounting; needs only uvicorn + starlette.
-- ``LlamaCppServer`` (``llamacpp``): llama.cpp's own server through xllamacpp.
+``LlamaCppServer`` (``llamacpp``): llama.cpp's own server through xllamacpp. The name is imported
+lazily: xllamacpp is a heavy native import that only the local backend needs.
 
-Names are imported lazily: xllamacpp is a heavy native import, and
-``python -m kura_pipeline.servers.loopback`` must not find its module already
-imported by this package.
+The fault-drill server of the tests and benchmarks is not part of the package: it lives in
+``kura_pipeline_tests/support/loopback.py``.
 """
 
 from __future__ import annotations
@@ -16,26 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from kura_pipeline.servers.llamacpp import LlamaCppServer, smollm2_gguf_path
-    from kura_pipeline.servers.loopback import (
-        Faults,
-        LoopbackServer,
-        Stats,
-    )
 
 _EXPORTS = {
-    "Faults": "loopback",
-    "LoopbackServer": "loopback",
-    "Stats": "loopback",
     "LlamaCppServer": "llamacpp",
     "smollm2_gguf_path": "llamacpp",
 }
-__all__ = [
-    "Faults",
-    "LlamaCppServer",
-    "LoopbackServer",
-    "Stats",
-    "smollm2_gguf_path",
-]
+__all__ = ["LlamaCppServer", "smollm2_gguf_path"]
 
 
 def __getattr__(name: str) -> Any:

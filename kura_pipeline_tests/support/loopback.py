@@ -15,7 +15,7 @@ Start it from a test::
         assert srv.stats.count("chat", "429") == 1
         assert srv.stats.max_in_flight == 20
 
-or as a command (``python -m kura_pipeline.servers.loopback --help``).
+or as a command (``python -m kura_pipeline_tests.support.loopback --help``).
 
 Answers: chat completions honour ``response_format`` (``json_schema``, and
 ``json_object`` with a schema found in the messages, as instructor's JSON
@@ -61,7 +61,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from kura_pipeline.servers.schema_instance import (
+from kura_pipeline_tests.support.schema_instance import (
     generate_instance,
     tagged_options,
     words_from_text,
@@ -914,7 +914,7 @@ def _is_loopback(host: str) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m kura_pipeline.servers.loopback",
+        prog="python -m kura_pipeline_tests.support.loopback",
         description="Loopback OpenAI-compatible server with fault injection.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="a loopback address")
