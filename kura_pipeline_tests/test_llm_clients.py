@@ -171,3 +171,18 @@ def test_clients_file_is_read_and_checked(tmp_path: Path):
     typo.write_text("client: {}\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"unknown keys \['client'\]"):
         clients_from_file(typo)
+
+
+def test_a_limit_left_unset_means_the_same_in_dagster_config_and_in_the_engine():
+    """The limit fields are declared once for every Dagster client (`LLMClientLimits`); the
+    Dagster-free engine's `LLMSettings` must take each of them with the same default, or a user of
+    the notebook API and a user of the Dagster UI would get different limits from the same file."""
+    import dataclasses
+
+    from kura_pipeline.core.llm import LLMSettings
+    from kura_pipeline.resources.llm import LIMIT_FIELDS, LLMClientLimits
+
+    engine = {field.name: field.default for field in dataclasses.fields(LLMSettings)}
+    for name in LIMIT_FIELDS:
+        assert name in engine, f"LLMSettings does not take {name}"
+        assert LLMClientLimits.model_fields[name].default == engine[name], name
