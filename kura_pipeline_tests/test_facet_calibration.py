@@ -21,6 +21,8 @@ from kura_pipeline.core.calibration import (
     MIN_CONCERNING_HIGH_SHARE,
     MIN_FRUSTRATED_HIGH_SHARE,
     NOT_ASSESSED,
+    NOT_ASSESSED_OFFLINE,
+    OFFLINE_REASON,
     assess_calibration,
     calibration_conversations,
     gate_facets,
@@ -31,7 +33,7 @@ from kura_pipeline.core.llm import LLMClient, LLMSettings, run_llm
 from kura_pipeline.core.local_models import CATALOGUE, install_command
 from kura_pipeline.core.models import Conversation, ConversationSummary, Message
 from kura_pipeline.core.prompts import NO_REPLY_MARKER, SUMMARY_PROMPT, SummaryResponse
-from kura_pipeline.core.render.explorer import build_explorer_data
+from kura_pipeline.core.render.explorer import OFFLINE_BACKEND, build_explorer_data
 from kura_pipeline.core.summarise import (
     summarise_all_offline,
     summarise_all_with_llm,
@@ -121,6 +123,30 @@ def test_the_offline_backend_goes_through_the_same_calibration_and_is_not_assess
     verdict = OfflineBackend().calibrate_facets()
     assert not verdict.passed and verdict.unrated == len(CALIBRATION_CASES)
     assert verdict.model == "offline (no LLM)"
+    # Said as what it is (no model judges), not as a model's failed test with a list of 0 % shares.
+    assert verdict.reason == OFFLINE_REASON and "0%" not in verdict.reason
+    # A model that rated nothing is told apart from one that rated wrong.
+    silent = assess_calibration("m", "p", {})
+    assert silent.reason == "failed calibration: gave no rating for any of the 23 calibration conversations"
+
+
+def test_the_offline_page_says_not_assessed_offline_never_by_this_model():
+    frames = counts_frames()
+    chat_ids = frames["conversation_summaries"]["chat_id"].to_list()
+    summaries = summaries_to_frame(
+        [ConversationSummary(chat_id=c, summary="s", facets_assessed=False) for c in chat_ids]
+    )
+    offline = build_explorer_data(
+        dataset="d", backend=OFFLINE_BACKEND, **(frames | {"conversation_summaries": summaries})
+    )
+    facets = {f.name: f.values for f in offline.facets}
+    assert facets["concerning score"] == [NOT_ASSESSED_OFFLINE]
+    said = f"Concerning score, user frustration: {NOT_ASSESSED_OFFLINE}"
+    assert any(n.startswith(said) for n in offline.notes)
+    assert not any(NOT_ASSESSED in n for n in offline.notes)
+    frames["conversation_summaries"] = summaries
+    model = build_explorer_data(dataset="d", backend="loopback", **frames)
+    assert {f.name: f.values for f in model.facets}["concerning score"] == [NOT_ASSESSED]
 
 
 def test_the_offline_topic_is_a_shared_phrase_or_the_task_never_a_rare_word():

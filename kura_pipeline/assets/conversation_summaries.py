@@ -11,6 +11,7 @@ from dagster import (
     asset,
 )
 
+from kura_pipeline.core.backends import OfflineBackend
 from kura_pipeline.core.calibration import gate_facets
 from kura_pipeline.core.frames import summaries_to_frame
 from kura_pipeline.core.kura_format import split_summarised
@@ -44,7 +45,9 @@ def conversation_summaries(
     `facets_assessed` False, and read "not assessed by this model"."""
     backend = llm.select_backend(log=context.log.info)
     calibration = backend.calibrate_facets()
-    if not calibration.passed:
+    if isinstance(backend, OfflineBackend):  # expected, not a fault: said once, plainly
+        context.log.info(f"judgement facets not assessed: {calibration.reason}")
+    elif not calibration.passed:
         context.log.warning(f"judgement facets not assessed: {calibration.model} {calibration.reason}")
     spec = registry.get(context.partition_key)
     # A source that already carries summaries (a Kura checkpoint): those are kept, not paid again.

@@ -8,13 +8,14 @@ resources are built (`LLMResource.select_backend`). Asset bodies call these and 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
 import polars as pl
 
 from kura_pipeline.core.calibration import (
+    OFFLINE_REASON,
     FacetCalibration,
     assess_calibration,
     calibration_conversations,
@@ -202,7 +203,8 @@ class OfflineBackend:
         # The same test as a model's, not an exemption: the offline summary rates nothing (no
         # keyword rule could judge intent), so it fails and its facets read "not assessed".
         run = summarise_all_offline(calibration_conversations())
-        return assess_calibration(self.label, "offline summary", ratings_of(run.summaries))
+        verdict = assess_calibration(self.label, "offline summary", ratings_of(run.summaries))
+        return replace(verdict, reason=OFFLINE_REASON)
 
     def name(self, corpus: Corpus, groups: BaseGroups, which: list[int]) -> dict[int, ClusterLabel]:
         labels = offline_labels(corpus.naming, groups.members)  # contrast needs every group

@@ -17,6 +17,12 @@ from kura_pipeline.core.calibration_set import CALIBRATION_CASES, CalibrationCas
 from kura_pipeline.core.models import Conversation, ConversationSummary, Message
 
 NOT_ASSESSED = "not assessed by this model"
+# The offline backend has no model to calibrate: it never judges, and says so plainly.
+NOT_ASSESSED_OFFLINE = "not assessed offline"
+OFFLINE_REASON = (
+    "the offline backend rates neither concerning content nor user frustration (no keyword rule "
+    "can judge intent); configure an LLM that passes the facet calibration to see them"
+)
 JUDGEMENT_FACETS = ("concerning_score", "user_frustration")
 
 # Clio's reading of the scale: 1-2 is "not concerning", 3 and up asks for a look.
@@ -128,7 +134,9 @@ def assess_calibration(
         if shares[key] + 1e-9 < minimum
     ]
     unrated = sum(1 for c in cases if None in rating(c))
-    if short:
+    if short and unrated == len(cases):  # no share to speak of: say what happened
+        reason = f"failed calibration: gave no rating for any of the {len(cases)} calibration conversations"
+    elif short:
         reason = "failed calibration: " + "; ".join(short)
         if unrated:
             reason += f"; no rating for {unrated} of {len(cases)} calibration conversations"

@@ -30,7 +30,7 @@ import numpy as np
 import polars as pl
 
 from kura_pipeline.core.backends import OFFLINE_LABEL
-from kura_pipeline.core.calibration import JUDGEMENT_FACETS, NOT_ASSESSED
+from kura_pipeline.core.calibration import JUDGEMENT_FACETS, NOT_ASSESSED, NOT_ASSESSED_OFFLINE
 from kura_pipeline.core.frames import frame_to_clusters
 from kura_pipeline.core.models import LOADER_BOOKKEEPING_KEYS
 from kura_pipeline.core.render.map_png import hex_to_rgb, scatter_png, swatch_png
@@ -227,7 +227,9 @@ def build_explorer_data(
             summaries["summary"].to_list(), summaries["failure_reason"].to_list(), strict=True
         )
     ]
-    facets, missing, not_assessed = _summary_facets(summaries)
+    offline = backend == OFFLINE_BACKEND
+    not_assessed_value = NOT_ASSESSED_OFFLINE if offline else NOT_ASSESSED
+    facets, missing, not_assessed = _summary_facets(summaries, not_assessed_value)
     properties = _property_facets(order, extracted_properties, private={user_id_field})
     # A dataset's own metadata key may share a summary facet's name (`topic`): two facets of one
     # name cannot be told apart in the filter list, so the summary's says where it comes from.
@@ -250,7 +252,13 @@ def build_explorer_data(
                 " configure an LLM to fill them."
             )
         notes.append(note)
-    if not_assessed:
+    if not_assessed and offline:
+        notes.append(
+            f"{', '.join(not_assessed).capitalize()}: {NOT_ASSESSED_OFFLINE}. The offline backend does "
+            "not judge concerning content or frustration; an LLM that passes the facet calibration "
+            "(benign and concerning requests it must rate right) does."
+        )
+    elif not_assessed:
         notes.append(
             f"{', '.join(not_assessed).capitalize()}: {NOT_ASSESSED}. The model that wrote the summaries "
             "did not pass the facet calibration (benign and concerning requests it must rate right), "
@@ -325,9 +333,11 @@ def _conversation_text(messages: list[dict[str, Any]] | None) -> str:
     return text if len(text) <= CONVERSATION_CHARS else text[:CONVERSATION_CHARS] + " …"
 
 
-def _summary_facets(summaries: pl.DataFrame) -> tuple[list[Facet], list[str], list[str]]:
+def _summary_facets(
+    summaries: pl.DataFrame, not_assessed_value: str = NOT_ASSESSED
+) -> tuple[list[Facet], list[str], list[str]]:
     """The summary facets, the labels of those never filled, and of the judgement facets a
-    model left not assessed (it failed the facet calibration)."""
+    model left not assessed (it failed the facet calibration, or there was no model)."""
     facets, missing, not_assessed = [], [], []
     assessed = summaries["facets_assessed"].to_list() if "facets_assessed" in summaries.columns else []
     for column, label, multi, numeric in SUMMARY_FACETS:
@@ -340,7 +350,7 @@ def _summary_facets(summaries: pl.DataFrame) -> tuple[list[Facet], list[str], li
                 label,
                 "summary",
                 [
-                    NOT_ASSESSED if a is False else None if v is None else _number(v)
+                    not_assessed_value if a is False else None if v is None else _number(v)
                     for v, a in zip(values, assessed, strict=True)
                 ],
                 ordered=True,
