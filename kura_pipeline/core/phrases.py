@@ -36,7 +36,7 @@ _REQUEST_WORDS = {
     "that's", "let's", "additionally", "little",
     # An LLM summary's own template ("The user's overall request for the assistant is to..."):
     # named after, a cluster of them would be "User's overall request".
-    "overall", "request", "requests", "assistant", "task", "asking", "asks",
+    "overall", "request", "requests", "assistant", "task", "ask", "asking", "asks",
 }  # fmt: skip
 _OTHER_LANGUAGE_WORDS = {
     "el", "la", "de", "que", "y", "en", "los", "por", "para", "una", "es", "con", "le", "les",
