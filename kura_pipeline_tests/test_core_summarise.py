@@ -1,4 +1,5 @@
 from kura_pipeline.core.models import Conversation, Message
+from kura_pipeline.core.phrases import document_phrases, phrase_table
 from kura_pipeline.core.privacy import scrub_pii
 from kura_pipeline.core.prompts import SUMMARY_PROMPT, format_conversation, truncate_middle
 from kura_pipeline.core.summarise import detect_languages, shares_run_of_words, summarise_all_offline
@@ -108,3 +109,35 @@ def test_offline_summary_never_repeats_eight_words_of_the_user():
         assert "about" in summary.summary  # still described by its phrases, fewer of them
     assert shares_run_of_words("a b c d e f g h", "x a b c d e f g h y")
     assert not shares_run_of_words("a b c d e f g", "a b c d e f g")
+
+
+def test_offline_topic_is_what_the_conversation_is_about_not_a_longer_phrase_said_in_passing():
+    # Six conversations share both phrases; each asks about kotlin coroutines (and says so twice)
+    # and mentions a "sleepy tired face" once, in a later turn. Ranked by length and rarity alone,
+    # the three-word aside won; ranked by use and by the request, the subject does.
+    conversations = [
+        Conversation(
+            chat_id=f"c{i}",
+            messages=[
+                Message(role="user", content="Debug my kotlin coroutine. My kotlin coroutine is so slow"),
+                Message(role="assistant", content="Use a supervisor job."),
+                Message(role="user", content="Thanks. Long night, sleepy tired face here."),
+            ],
+        )
+        for i in range(6)
+    ]
+    summaries = summarise_all_offline(conversations, min_conversations=5).summaries
+    assert [s.topic for s in summaries] == ["kotlin coroutine"] * 6
+    assert all(s.summary.startswith("A coding request about kotlin coroutine") for s in summaries)
+
+
+def test_contractions_and_plurals_never_make_a_summary_s_phrases():
+    texts = [
+        f"I didn't see why it can't load the user's players; the player list doesn't sort ({i})"
+        for i in range(5)
+    ]
+    table = phrase_table(texts, 5)
+    assert not {"didn't", "can't", "user's", "doesn't"} & set(table.phrases)
+    picked = document_phrases(table, 0, text=texts[0], request=texts[0])
+    assert "player" in " ".join(picked)
+    assert not {"player", "players"} <= {word for phrase in picked for word in phrase.split()}

@@ -11,6 +11,7 @@ by maximal marginal relevance (as BERTopic's representation models do).
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -51,6 +52,16 @@ MAX_PHRASE_WORDS = 3
 MAX_WORD_CHARS = 30  # longer "words" are identifiers, hashes or noise, never a topic
 
 
+def _is_stop(token: str) -> bool:
+    """A stop word, or a contraction of one ("didn't", "can't", "user's", "you're"): every
+    negation ("n't") says nothing about a subject, whatever its verb."""
+    if token in STOP_WORDS:
+        return True
+    if "'" not in token:
+        return False
+    return token.endswith("n't") or token.split("'", 1)[0] in STOP_WORDS
+
+
 def words(text: str) -> list[str]:
     """Lower-case words, as every offline text is built from (and as the privacy tests count them)."""
     return _TOKEN.findall(text.lower())
@@ -65,22 +76,22 @@ def candidate_phrases(text: str, allowed: frozenset[str] | None = None) -> list[
         if allowed is not None:  # a dropped word ends the run: no phrase spans it
             tokens = [t if t in allowed else "" for t in tokens]
         for i, first in enumerate(tokens):
-            if first in STOP_WORDS or len(first) < 2:
+            if _is_stop(first) or len(first) < 2:
                 continue
             for n in range(1, MAX_PHRASE_WORDS + 1):
                 if i + n > len(tokens) or not tokens[i + n - 1]:
                     break
                 last = tokens[i + n - 1]
-                if last in STOP_WORDS or len(last) < 2 or (n == 1 and len(first) < 3):
+                if _is_stop(last) or len(last) < 2 or (n == 1 and len(first) < 3):
                     continue
-                if any(t in STOP_WORDS for t in tokens[i + 1 : i + n - 1]):  # no "fix my pandas"
+                if any(_is_stop(t) for t in tokens[i + 1 : i + n - 1]):  # no "fix my pandas"
                     break
                 phrases.add(" ".join(tokens[i : i + n]))
     return sorted(phrases)
 
 
 def _words_of(text: str) -> list[str]:
-    return [t for t in set(_TOKEN.findall(text.lower())) if len(t) <= MAX_WORD_CHARS and t not in STOP_WORDS]
+    return [t for t in set(_TOKEN.findall(text.lower())) if len(t) <= MAX_WORD_CHARS and not _is_stop(t)]
 
 
 @dataclass
@@ -231,25 +242,50 @@ def group_phrases(
     return result
 
 
-def document_phrases(table: PhraseTable, row: int, top_n: int = 3) -> list[str]:
-    """One document's most specific shared phrases (rarest first among the allowed ones),
-    never two that share a word."""
+def document_phrases(
+    table: PhraseTable, row: int, top_n: int = 3, text: str = "", request: str = ""
+) -> list[str]:
+    """One document's phrases that say most about it, among the shared ones (at least `min_df`
+    documents use each), never two that share a word.
+
+    A phrase counts for more the more often this document uses it (`text`: the words the table
+    was built from), the rarer it is across the documents, the longer it is, and when the
+    opening `request` (what the user asked for) holds it: "java" used five times beats "face"
+    used once. Without `text`, rarity and length alone rank them."""
     start, end = table.uses.indptr[row], table.uses.indptr[row + 1]
     columns = table.uses.indices[start:end]
     if len(columns) == 0:
         return []
-    df = _document_frequency(table)[columns]
-    lengths = np.array([len(table.phrases[c].split()) for c in columns])
-    order = np.lexsort((columns, df, -lengths))  # longer first, then rarest (most specific)
+    phrases = [table.phrases[c] for c in columns]
+    idf = np.log((1 + table.documents) / (1 + _document_frequency(table)[columns])) + 1
+    lengths = np.array([len(p.split()) for p in phrases])
+    in_text, asked = _word_runs(text), _word_runs(request)
+    uses = np.array([max(in_text.get(p, 0), 1) for p in phrases])
+    in_request = np.array([p in asked for p in phrases])
+    score = (1 + np.log(uses)) * idf * (1 + 0.25 * (lengths - 1)) * np.where(in_request, 2.0, 1.0)
+    order = np.lexsort((columns, -score))  # ties by phrase order: the same input, the same pick
     picked: list[str] = []
+    taken: set[str] = set()
     for index in order:
-        phrase = table.phrases[columns[index]]
-        if any(set(phrase.split()) & set(other.split()) for other in picked):
+        stems = {_singular(word) for word in phrases[index].split()}
+        if stems & taken:  # no "python code, python", no "player, players"
             continue
-        picked.append(phrase)
+        picked.append(phrases[index])
+        taken |= stems
         if len(picked) == top_n:
             break
     return picked
+
+
+def _singular(word: str) -> str:
+    return word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word
+
+
+def _word_runs(text: str) -> Counter[str]:
+    """How often each run of 1-3 consecutive words occurs in the text."""
+    tokens = words(text)
+    runs = range(1, MAX_PHRASE_WORDS + 1)
+    return Counter(" ".join(tokens[i : i + n]) for n in runs for i in range(len(tokens) - n + 1))
 
 
 def _document_frequency(table: PhraseTable) -> np.ndarray:

@@ -282,7 +282,7 @@ def summarise_all_offline(
     users = [_user_of(r.metadata, user_field) for r in requests]
     table = phrase_table([r.user_text for r in requests], min_conversations, users if min_users > 1 else None)
     for row, read in enumerate(requests):
-        phrases = document_phrases(table, row)
+        phrases = document_phrases(table, row, text=read.user_text, request=read.request)
         summary = abstract_summary(read.task, phrases, read.languages, read.user_turns)
         # Phrases are short, but three of them could sit side by side in the user's text: a
         # summary never repeats RUN_OF_WORDS consecutive words of it.
