@@ -305,8 +305,9 @@ def summarise_all_offline(
 
 
 def offline_topic(task: str, phrases: list[str]) -> str | None:
-    """Kura's `topic`, offline: the summary's most specific shared phrase (one that at least
-    `min_conversations` conversations use, so no rare word of a user's), else the task type
+    """Kura's `topic`, offline: the summary's first phrase, the shared one (at least
+    `min_conversations` conversations use it, so no rare word of a user's) that the conversation
+    uses most and asks about (`document_phrases`), else the task type
     where it names a subject (coding, maths, translation); None otherwise, not a guess."""
     if phrases:
         return phrases[0]
