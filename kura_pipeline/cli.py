@@ -25,11 +25,10 @@ from kura_pipeline.core.frames import frame_to_clusters
 from kura_pipeline.core.kura_format import write_kura_checkpoint
 from kura_pipeline.core.registry import DatasetSpec, RegistryError, read_registry_entries
 from kura_pipeline.core.render.tree import fallback_note, render_tree
-from kura_pipeline.partitions import datasets_partitions
+from kura_pipeline.partitions import add_missing_partitions, datasets_partitions
 from kura_pipeline.resources.registry import DatasetRegistry
 from kura_pipeline.resources.storage import page_path, stage_path, table_rows
 from kura_pipeline.run_health import fail_abandoned_runs, failed_steps, in_process_run_tags
-from kura_pipeline.sensors import unregistered_datasets
 
 DEFAULT_DAGSTER_HOME = ".dagster_home"
 
@@ -92,11 +91,7 @@ def _known(dataset: str, datasets: dict[str, DatasetSpec], problems: dict[str, s
 
 def register_datasets(instance: DagsterInstance) -> list[str]:
     """Add the registry's datasets as partitions; returns the ones that were new."""
-    registry = _registry()
-    new = unregistered_datasets(registry, instance.get_dynamic_partitions(datasets_partitions.name))
-    if new:
-        instance.add_dynamic_partitions(datasets_partitions.name, new)
-    return new
+    return add_missing_partitions(instance, _registry().datasets())
 
 
 def _data_dir() -> str:

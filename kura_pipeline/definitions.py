@@ -22,7 +22,7 @@ from dagster import AssetSelection, DagsterInstance, Definitions, EnvVar, define
 from kura_pipeline.assets import ALL_ASSETS
 from kura_pipeline.core.llm import allowed_range, check_setting
 from kura_pipeline.core.registry import RegistryError, read_registry_entries
-from kura_pipeline.partitions import datasets_partitions
+from kura_pipeline.partitions import add_missing_partitions, datasets_partitions
 from kura_pipeline.resources.embedder import LOCAL_MODELS as LOCAL_EMBEDDING_MODELS
 from kura_pipeline.resources.embedder import MINILM, EmbedderResource
 from kura_pipeline.resources.io_manager import storage_resources
@@ -163,11 +163,7 @@ def register_registry_datasets(registry_path: str) -> list[str]:
         if not datasets:
             return []
         with DagsterInstance.get() as instance:
-            known = set(instance.get_dynamic_partitions(datasets_partitions.name))
-            new = sorted(set(datasets) - known)
-            if new:
-                instance.add_dynamic_partitions(datasets_partitions.name, new)
-            return new
+            return add_missing_partitions(instance, datasets)
     except RegistryError:
         return []
     except Exception as error:  # an instance that cannot be opened here: its own commands say why

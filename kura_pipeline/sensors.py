@@ -16,15 +16,11 @@ from dagster import (
 from kura_pipeline.core.batches import BatchFile, fingerprint, list_batch_files, load_batch_file
 from kura_pipeline.core.loaders import LoaderError
 from kura_pipeline.core.registry import DatasetSpec
-from kura_pipeline.partitions import datasets_partitions
+from kura_pipeline.partitions import datasets_partitions, missing_partitions
 from kura_pipeline.resources.registry import DatasetRegistry
 
 # A file modified more recently than this may still be being written: wait for the next tick.
 SETTLE_SECONDS = 10.0
-
-
-def unregistered_datasets(registry: DatasetRegistry, registered: list[str]) -> list[str]:
-    return sorted(set(registry.datasets()) - set(registered))
 
 
 @sensor(minimum_interval_seconds=30, default_status=DefaultSensorStatus.RUNNING)
@@ -35,7 +31,7 @@ def dataset_registry_sensor(
     cannot be used is skipped with a warning naming it, and the others are still added."""
     for problem in registry.problems():
         context.log.warning(f"skipped: {problem}")
-    new = unregistered_datasets(registry, context.instance.get_dynamic_partitions(datasets_partitions.name))
+    new = missing_partitions(context.instance, registry.datasets())
     if not new:
         return SkipReason("every dataset in the registry is already a partition")
     context.log.info(f"registering datasets: {', '.join(new)}")
