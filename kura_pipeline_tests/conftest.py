@@ -1,14 +1,19 @@
-"""Shared test data: small, realistic conversations on clearly different topics."""
+"""Shared test data: small, realistic conversations on clearly different topics, a registry of
+them (`dataset_dir`), and the loopback LLM server (`server`; its helpers: support/llm_fixtures.py)."""
 
 from __future__ import annotations
 
-import json
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from kura_pipeline.core.models import Conversation, Message
+from kura_pipeline_tests.support.llm_fixtures import write_jsonl, write_jsonl_dataset
+from kura_pipeline_tests.support.loopback import LoopbackServer
+
+__all__ = ["ANSWERS", "TOPICS", "make_conversations", "write_jsonl"]  # imported by the test modules
 
 TOPICS: dict[str, list[str]] = {
     "python_debugging": [
@@ -93,13 +98,6 @@ def make_conversations(per_topic: int = 8) -> list[Conversation]:
     return conversations
 
 
-def write_jsonl(conversations: list[Conversation], path: Path) -> Path:
-    with path.open("w", encoding="utf-8") as file:
-        for conversation in conversations:
-            file.write(conversation.model_dump_json() + "\n")
-    return path
-
-
 @pytest.fixture
 def conversations() -> list[Conversation]:
     return make_conversations()
@@ -108,9 +106,13 @@ def conversations() -> list[Conversation]:
 @pytest.fixture
 def dataset_dir(tmp_path: Path, conversations: list[Conversation]) -> Path:
     """A registry with one small `topics` dataset in JSONL, in a temporary folder."""
-    write_jsonl(conversations, tmp_path / "topics.jsonl")
-    (tmp_path / "datasets.yaml").write_text(
-        json.dumps({"datasets": {"topics": {"loader": "jsonl", "options": {"path": "topics.jsonl"}}}}),
-        encoding="utf-8",
-    )
+    write_jsonl_dataset(tmp_path, "topics", conversations)
     return tmp_path
+
+
+@pytest.fixture
+def server() -> Iterator[LoopbackServer]:
+    """The loopback OpenAI-compatible server on 127.0.0.1, for one test (a module that needs it
+    started otherwise defines a `server` of its own)."""
+    with LoopbackServer() as srv:
+        yield srv

@@ -15,7 +15,7 @@ from kura_pipeline.resources.io_manager import ParquetIOManager, storage_resourc
 from kura_pipeline.resources.llm import LLMResource
 from kura_pipeline.resources.privacy import PrivacyPolicy
 from kura_pipeline.resources.registry import DatasetRegistry
-from kura_pipeline_tests.support.loopback import LoopbackServer
+from kura_pipeline_tests.support.llm_fixtures import jsonl_entry, loopback_resource, write_registry
 
 STAGES = [a.key.to_user_string() for a in ALL_ASSETS]
 # 5 topics x 8 conversations: one base cluster per topic, then a small hierarchy on top.
@@ -112,13 +112,11 @@ def test_offline_run_writes_eight_stages_and_finds_the_topics(tmp_path, dataset_
 
 
 @pytest.mark.slow
-def test_llm_run_goes_through_a_real_http_endpoint_and_a_rerun_costs_nothing(tmp_path, dataset_dir):
+def test_llm_run_goes_through_a_real_http_endpoint_and_a_rerun_costs_nothing(tmp_path, dataset_dir, server):
     data_dir = tmp_path / "data"
-    with LoopbackServer() as server, instance_for_test() as instance:
-        llm = LLMResource(
-            backend="openai",
-            base_url=server.base_url,
-            model="loopback",
+    with instance_for_test() as instance:
+        llm = loopback_resource(
+            server,
             api_key="test-key-not-secret",
             cache_path=str(tmp_path / "cache.sqlite3"),
             max_concurrency=4,
@@ -153,19 +151,13 @@ def test_llm_run_goes_through_a_real_http_endpoint_and_a_rerun_costs_nothing(tmp
         assert _metadata(again, "conversation_summaries")["llm_cache_hits"] == 40 + calibration
 
 
-def test_failed_summaries_are_recorded_with_their_reason_and_the_run_completes(tmp_path, dataset_dir):
+def test_failed_summaries_are_recorded_with_their_reason_and_the_run_completes(tmp_path, dataset_dir, server):
     """Only raw_conversations and conversation_summaries: an endpoint that fails some calls."""
     data_dir = tmp_path / "data"
-    with LoopbackServer() as server, instance_for_test() as instance:
+    with instance_for_test() as instance:
         server.faults.set(error_500_every=5)  # calls 5, 10, ... fail; no retries allowed
         instance.add_dynamic_partitions("datasets", ["topics"])
-        llm = LLMResource(
-            backend="openai",
-            base_url=server.base_url,
-            model="loopback",
-            max_attempts=1,
-            cache_path=str(tmp_path / "cache.sqlite3"),
-        )
+        llm = loopback_resource(server, max_attempts=1, cache_path=str(tmp_path / "cache.sqlite3"))
         result = materialize(
             ALL_ASSETS[:2],
             partition_key="topics",
@@ -188,9 +180,7 @@ def test_failed_summaries_are_recorded_with_their_reason_and_the_run_completes(t
 
 def test_an_unreadable_dataset_fails_with_a_message_naming_the_file(tmp_path):
     (tmp_path / "broken.jsonl").write_text("this is not json\n", encoding="utf-8")
-    (tmp_path / "datasets.yaml").write_text(
-        "datasets:\n  broken:\n    loader: jsonl\n    options: {path: broken.jsonl}\n", encoding="utf-8"
-    )
+    write_registry(tmp_path, {"broken": jsonl_entry("broken.jsonl")})
     with instance_for_test() as instance:
         instance.add_dynamic_partitions("datasets", ["broken"])
         result = materialize(

@@ -19,11 +19,11 @@ from kura_pipeline.core.identity import farthest_points, match_lineage
 from kura_pipeline.core.models import Cluster
 from kura_pipeline.resources.embedder import EmbedderResource
 from kura_pipeline.resources.io_manager import storage_resources
-from kura_pipeline.resources.llm import LLMResource
 from kura_pipeline.resources.privacy import PrivacyPolicy
 from kura_pipeline.resources.registry import DatasetRegistry
 from kura_pipeline.schedules import datasets_due_for_reclustering
 from kura_pipeline.sensors import inbox_sensor
+from kura_pipeline_tests.support.llm_fixtures import loopback_resource
 from kura_pipeline_tests.support.loopback import LoopbackServer
 
 from .conftest import make_conversations, write_jsonl
@@ -114,12 +114,7 @@ def _run(instance, tmp_path: Path, server: LoopbackServer, partition: str, asset
             **storage_resources(data),
             "privacy": PrivacyPolicy(),
             "registry": _registry(tmp_path),
-            "llm": LLMResource(
-                backend="openai",
-                base_url=server.base_url,
-                model="loopback",
-                cache_path=str(tmp_path / "llm.sqlite3"),
-            ),
+            "llm": loopback_resource(server, cache_path=str(tmp_path / "llm.sqlite3")),
             "embedder": EmbedderResource(cache_path=str(tmp_path / "embeddings.sqlite3")),
         },
     )
@@ -138,12 +133,12 @@ def _files(data: Path) -> dict[str, tuple[int, bytes]]:
 
 
 @pytest.mark.slow
-def test_batches_cost_only_what_is_new_and_clusters_keep_their_identity(tmp_path):
+def test_batches_cost_only_what_is_new_and_clusters_keep_their_identity(tmp_path, server):
     everything = make_conversations()  # 5 topics x 8
     inbox = tmp_path / "inbox" / "support"
     later = [c for c in everything if c.chat_id.startswith("poetry") and int(c.chat_id[-1]) >= 4]
     first = [c for c in everything if c not in later]  # 36 now, 4 (10 %) later
-    with LoopbackServer() as server, instance_for_test() as instance:
+    with instance_for_test() as instance:
         # 1. The first batch lands: the sensor registers the new dataset and asks for a run.
         _drop(inbox, "2026-01-01.jsonl", first)
         tick = _tick(instance, tmp_path)

@@ -4,7 +4,6 @@ code 2, never a traceback; one bad registry entry blocks only itself. The real C
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
@@ -23,34 +22,9 @@ from kura_pipeline.cli import format_llm_totals, llm_totals
 from kura_pipeline.core.frames import conversations_to_frame
 from kura_pipeline.core.models import Conversation
 from kura_pipeline.partitions import datasets_partitions
+from kura_pipeline_tests.support.llm_fixtures import KURA_PIPELINE, cli_env, loopback_env
+from kura_pipeline_tests.support.llm_fixtures import kura_pipeline as kura
 from kura_pipeline_tests.support.loopback import LoopbackServer
-
-KURA_PIPELINE = str(Path(sys.executable).parent / "kura-pipeline")
-
-
-def cli_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("KURA_", "DAGSTER_", "OPENAI_", "BROWSER"))
-    }
-    (tmp_path / "dagster.yaml").touch()
-    return env | {
-        "KURA_DATASETS": str(tmp_path / "datasets.yaml"),
-        "KURA_DATA_DIR": str(tmp_path / "data"),
-        "KURA_LLM_CACHE": str(tmp_path / "cache.sqlite3"),
-        "DAGSTER_HOME": str(tmp_path),
-        **extra,
-    }
-
-
-def kura(tmp_path: Path, *args: str, timeout: int = 300, **extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [KURA_PIPELINE, *args],
-        env=cli_env(tmp_path, **extra),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=tmp_path,
-    )
 
 
 def registry(folder: Path, text: str) -> None:
@@ -322,19 +296,17 @@ def test_llm_totals_add_up_the_stages_and_say_when_there_was_no_model() -> None:
 
 
 @pytest.mark.slow
-def test_run_prints_the_llm_totals_and_the_explorer_page(dataset_dir: Path) -> None:
-    with LoopbackServer() as server:
-        result = kura(
-            dataset_dir,
-            "run",
-            "topics",
-            timeout=600,
-            KURA_LLM_BASE_URL=server.base_url,
-            KURA_LLM_MODEL="loopback",
-            KURA_LLM_INPUT_PRICE="1.0",
-            KURA_LLM_OUTPUT_PRICE="2.0",
-        )
-        calls = server.stats.count("chat")
+def test_run_prints_the_llm_totals_and_the_explorer_page(dataset_dir: Path, server: LoopbackServer) -> None:
+    result = kura(
+        dataset_dir,
+        "run",
+        "topics",
+        timeout=600,
+        **loopback_env(server),
+        KURA_LLM_INPUT_PRICE="1.0",
+        KURA_LLM_OUTPUT_PRICE="2.0",
+    )
+    calls = server.stats.count("chat")
     assert result.returncode == 0, result.stderr[-3000:]
     [totals] = [line for line in result.stdout.splitlines() if line.startswith("LLM: ")]
     assert totals.startswith(f"LLM: {calls:,} calls, 0 cache hits, "), (totals, calls)

@@ -11,11 +11,9 @@ import json
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from collections import Counter
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -32,12 +30,12 @@ from kura_pipeline.core.llm import (
     response_schema_text,
 )
 from kura_pipeline.core.llm_cache import ResponseCache
-from kura_pipeline.core.models import Conversation, Message
+from kura_pipeline.core.models import Conversation
 from kura_pipeline.core.prompts import SUMMARY_PROMPT, Prompt, SummaryResponse
 from kura_pipeline.core.summarise import summarise_all_with_llm
+from kura_pipeline_tests.support.llm_fixtures import loopback_settings, question_and_answer, summarise_command
 from kura_pipeline_tests.support.loopback import LoopbackServer
 
-KILL_SCRIPT = Path(__file__).parent / "scripts" / "summarise_subprocess.py"
 CHAR_BUDGET = 4000
 # Every reason the engine gives for the faults the loopback server injects.
 FAULT_REASONS = (
@@ -50,33 +48,13 @@ FAULT_REASONS = (
 
 def make_conversations(count: int, tag: str = "c") -> list[Conversation]:
     """Distinct conversations (distinct text, so distinct cache keys and request bodies)."""
-    created = datetime(2026, 1, 1, tzinfo=UTC)
-    return [
-        Conversation(
-            chat_id=f"{tag}-{index}",
-            created_at=created,
-            messages=[
-                Message(role="user", content=f"[{tag} {index}] How do I sort a list of {index} numbers?"),
-                Message(role="assistant", content="Use sorted(numbers), or numbers.sort() in place."),
-            ],
-        )
-        for index in range(count)
-    ]
+    questions = [f"[{tag} {index}] How do I sort a list of {index} numbers?" for index in range(count)]
+    return question_and_answer(questions, answer="Use sorted(numbers), or numbers.sort() in place.", tag=tag)
 
 
 def fast_settings(server: LoopbackServer, **overrides: Any) -> LLMSettings:
-    """Short timeouts and backoff, so fault drills take seconds."""
-    values: dict[str, Any] = {
-        "model": "loopback",
-        "base_url": server.base_url,
-        "max_concurrency": 8,
-        "read_timeout_seconds": 5.0,
-        "max_attempts": 3,
-        "backoff_seconds": 0.02,
-        "max_backoff_seconds": 0.1,
-    }
-    values.update(overrides)
-    return LLMSettings(**values)
+    """Short timeouts and backoff, so fault drills take seconds; eight calls at a time."""
+    return loopback_settings(server, **({"max_concurrency": 8} | overrides))
 
 
 def summarise(conversations: list[Conversation], client: LLMClient):
@@ -91,12 +69,6 @@ def one_call(client: LLMClient, text: str, response_model: type[BaseModel] = Sum
 def request_times(server: LoopbackServer) -> list[float]:
     """When each request reached the server (its own clock), in order."""
     return sorted(entry["time"] for entry in server.stats.log() if entry["endpoint"] == "chat")
-
-
-@pytest.fixture
-def server():
-    with LoopbackServer() as srv:
-        yield srv
 
 
 # ----- 1. every conversation ends summarised or failed with a reason -----
@@ -249,18 +221,7 @@ def test_a_run_killed_mid_stage_and_restarted_repeats_no_stored_call(tmp_path):
     total, concurrency = 40, 4
     cache_path = tmp_path / "cache.sqlite3"
     with LoopbackServer(latency=0.25) as srv:  # outlives the killed child
-        command = [
-            sys.executable,
-            str(KILL_SCRIPT),
-            "--base-url",
-            srv.base_url,
-            "--cache",
-            str(cache_path),
-            "--count",
-            str(total),
-            "--concurrency",
-            str(concurrency),
-        ]
+        command = summarise_command(srv.base_url, cache_path, total, concurrency)
         with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as child:
             deadline = time.monotonic() + 60
             while srv.stats.count("chat") - srv.stats.in_flight < 15:  # answered by the server

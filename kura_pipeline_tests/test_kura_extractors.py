@@ -30,12 +30,19 @@ from kura_pipeline.core.extract import (
 )
 from kura_pipeline.core.llm import LLMClient, LLMSettings, run_llm
 from kura_pipeline.core.llm_cache import ResponseCache
-from kura_pipeline.core.models import Conversation, ExtractedProperty, Message
+from kura_pipeline.core.models import Conversation, ExtractedProperty
 from kura_pipeline.core.registry import read_registry_entries
 from kura_pipeline.notebook import Kura, SummaryModel
 from kura_pipeline.resources.io_manager import ParquetIOManager, StageReader
 from kura_pipeline.resources.llm import LLMResource
 from kura_pipeline.resources.registry import DatasetRegistry
+from kura_pipeline_tests.support.llm_fixtures import (
+    jsonl_entry,
+    loopback_settings,
+    question_and_answer,
+    write_jsonl,
+    write_registry,
+)
 from kura_pipeline_tests.support.loopback import LoopbackServer
 
 
@@ -44,16 +51,10 @@ class Topic(BaseModel):
 
 
 def conversations(count: int) -> list[Conversation]:
-    return [
-        Conversation(
-            chat_id=f"c-{index}",
-            messages=[
-                Message(role="user", content=f"How do I reverse list number {index} in Python?"),
-                Message(role="assistant", content="Use reversed(items) or items[::-1]."),
-            ],
-        )
-        for index in range(count)
-    ]
+    questions = [f"How do I reverse list number {index} in Python?" for index in range(count)]
+    return question_and_answer(
+        questions, answer="Use reversed(items) or items[::-1].", tag="c", created_at=None
+    )
 
 
 # ----- extractors as users write them (module level: the registry imports them by name) -----
@@ -90,26 +91,12 @@ def conversation_only(conversation: Conversation):
 
 
 def settings(server: LoopbackServer, **overrides: Any) -> LLMSettings:
-    values: dict[str, Any] = {
-        "model": "loopback",
-        "base_url": server.base_url,
-        "max_concurrency": 2,
-        "read_timeout_seconds": 5.0,
-        "max_attempts": 2,
-        "backoff_seconds": 0.02,
-        "max_backoff_seconds": 0.1,
-    }
-    return LLMSettings(**(values | overrides))
+    """Two calls at a time, two attempts."""
+    return loopback_settings(server, **({"max_concurrency": 2, "max_attempts": 2} | overrides))
 
 
 def extract(convs: list[Conversation], extractors: dict[str, Any], clients: dict[str, LLMClient]) -> Any:
     return run_llm(extract_properties(convs, extractors, clients=clients), *clients.values())
-
-
-@pytest.fixture
-def server():
-    with LoopbackServer() as srv:
-        yield srv
 
 
 def test_call_styles_are_read_from_the_signature():
@@ -222,30 +209,14 @@ def test_an_extractor_that_cannot_be_imported_is_one_line_naming_it():
 
 
 def _registry(tmp_path: Path, extractors: list[str]) -> Path:
-    with (tmp_path / "chats.jsonl").open("w", encoding="utf-8") as file:
-        for conversation in conversations(3):
-            file.write(conversation.model_dump_json() + "\n")
-    registry = tmp_path / "datasets.yaml"
-    registry.write_text(
-        json.dumps(
-            {
-                "datasets": {
-                    "chats": {
-                        "loader": "jsonl",
-                        "options": {"path": "chats.jsonl"},
-                        "extractors": extractors,
-                    },
-                    "bad": {
-                        "loader": "jsonl",
-                        "options": {"path": "chats.jsonl"},
-                        "extractors": ["not a ref"],
-                    },
-                }
-            }
-        ),
-        encoding="utf-8",
+    write_jsonl(conversations(3), tmp_path / "chats.jsonl")
+    return write_registry(
+        tmp_path,
+        {
+            "chats": jsonl_entry("chats.jsonl", extractors=extractors),
+            "bad": jsonl_entry("chats.jsonl", extractors=["not a ref"]),
+        },
     )
-    return registry
 
 
 def test_the_registry_reads_extractors_and_a_bad_entry_blocks_only_itself(tmp_path: Path):

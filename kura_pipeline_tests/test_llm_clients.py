@@ -25,6 +25,7 @@ from kura_pipeline.resources.io_manager import storage_resources
 from kura_pipeline.resources.llm import LLMResource, NamedLLMClient, clients_from_file
 from kura_pipeline.resources.privacy import PrivacyPolicy
 from kura_pipeline.resources.registry import DatasetRegistry
+from kura_pipeline_tests.support.llm_fixtures import loopback_resource
 from kura_pipeline_tests.support.loopback import LoopbackServer
 
 
@@ -64,9 +65,8 @@ def test_each_stage_calls_its_own_client_and_reports_its_cost(tmp_path: Path, da
         LoopbackServer() as cheap,
         instance_for_test() as instance,
     ):
-        llm = LLMResource(
-            backend="openai",
-            base_url=strong.base_url,
+        llm = loopback_resource(
+            strong,
             model="strong-model",
             input_price_per_million=2.5,
             output_price_per_million=10.0,

@@ -25,6 +25,7 @@ from kura_pipeline.core.naming import (
     name_key,
 )
 from kura_pipeline.core.privacy import AggregationThreshold
+from kura_pipeline_tests.support.llm_fixtures import loopback_settings
 from kura_pipeline_tests.support.loopback import LoopbackServer
 
 RETRY_MARK = "could not be used"  # in the note appended when a name is asked for again
@@ -45,22 +46,8 @@ CHILD_DESCRIPTIONS = [
 ]
 
 
-@pytest.fixture
-def server():
-    with LoopbackServer() as srv:
-        yield srv
-
-
 def client_for(server: LoopbackServer) -> LLMClient:
-    return LLMClient(
-        LLMSettings(
-            model="loopback",
-            base_url=server.base_url,
-            max_concurrency=4,
-            read_timeout_seconds=5.0,
-            max_attempts=1,
-        )
-    )
+    return LLMClient(loopback_settings(server, max_attempts=1))
 
 
 def corpus() -> tuple[list[str], Corpus]:

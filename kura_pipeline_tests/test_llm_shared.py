@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from pydantic import BaseModel
 
 from kura_pipeline.core.llm import (
@@ -30,35 +29,17 @@ from kura_pipeline.core.llm import (
 from kura_pipeline.core.llm_cache import HOST, ResponseCache, cache_key, claim_is_live
 from kura_pipeline.core.prompts import SUMMARY_PROMPT
 from kura_pipeline.core.redact import REDACTED, uninstall_redaction
+from kura_pipeline_tests.support.llm_fixtures import summarise_command
 from kura_pipeline_tests.support.loopback import LoopbackServer
-
-SCRIPT = Path(__file__).parent / "scripts" / "summarise_subprocess.py"
 
 
 class Reply(BaseModel):
     text: str
 
 
-@pytest.fixture
-def server():
-    with LoopbackServer() as srv:
-        yield srv
-
-
 def summarise_in_a_process(server: LoopbackServer, cache: Path, count: int) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [
-            sys.executable,
-            str(SCRIPT),
-            "--base-url",
-            server.base_url,
-            "--cache",
-            str(cache),
-            "--count",
-            str(count),
-            "--concurrency",
-            "4",
-        ],
+        summarise_command(server.base_url, cache, count, concurrency=4),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

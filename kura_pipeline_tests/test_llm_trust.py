@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,43 +24,25 @@ from kura_pipeline.core.llm import (
     run_llm,
 )
 from kura_pipeline.core.llm_cache import ResponseCache
-from kura_pipeline.core.models import Conversation, Message
+from kura_pipeline.core.models import Conversation
 from kura_pipeline.core.prompts import SUMMARY_PROMPT, SummaryResponse
 from kura_pipeline.core.summarise import summarise_all_with_llm
 from kura_pipeline.definitions import SettingError, build_resources
 from kura_pipeline.resources.llm import LLMResource, NamedLLMClient, clients_from_file
-from kura_pipeline_tests.support.loopback import LoopbackServer
+from kura_pipeline_tests.support.llm_fixtures import (
+    kura_pipeline,
+    loopback_env,
+    loopback_settings,
+    question_and_answer,
+)
 
 CHAR_BUDGET = 4000
 KEY_REFUSED = "the endpoint refused the key (HTTP 401)"
 
 
 def conversations(count: int, same_text: bool = False) -> list[Conversation]:
-    created = datetime(2026, 1, 1, tzinfo=UTC)
-    return [
-        Conversation(
-            chat_id=f"t-{index}",
-            created_at=created,
-            messages=[
-                Message(role="user", content=f"How do I sort {'a list' if same_text else index} in Python?"),
-                Message(role="assistant", content="Use sorted(numbers)."),
-            ],
-        )
-        for index in range(count)
-    ]
-
-
-def settings(server: LoopbackServer, **overrides: Any) -> LLMSettings:
-    values: dict[str, Any] = {
-        "model": "loopback",
-        "base_url": server.base_url,
-        "max_concurrency": 4,
-        "read_timeout_seconds": 5.0,
-        "max_attempts": 3,
-        "backoff_seconds": 0.02,
-        "max_backoff_seconds": 0.1,
-    }
-    return LLMSettings(**(values | overrides))
+    questions = [f"How do I sort {'a list' if same_text else index} in Python?" for index in range(count)]
+    return question_and_answer(questions, answer="Use sorted(numbers).", tag="t")
 
 
 def summarise_stage(client: LLMClient, count: int, same_text: bool = False) -> Any:
@@ -69,18 +50,12 @@ def summarise_stage(client: LLMClient, count: int, same_text: bool = False) -> A
     return run_llm(summarise_all_with_llm(conversations(count, same_text), client, CHAR_BUDGET), client)
 
 
-@pytest.fixture
-def server():
-    with LoopbackServer() as srv:
-        yield srv
-
-
 # ----- 1. fail loudly -----
 
 
 def test_a_stage_whose_calls_all_failed_fails_naming_the_stage_the_count_and_the_reason(server):
     server.faults.set(error_500_every=1)
-    client = LLMClient(settings(server, max_attempts=2))
+    client = LLMClient(loopback_settings(server, max_attempts=2))
     with pytest.raises(LLMStageFailed) as failed:
         summarise_stage(client, 6)
     assert str(failed.value) == "summaries: 6 of 6 LLM calls failed (first: HTTP 500 from the LLM endpoint)"
@@ -91,19 +66,19 @@ def test_a_stage_fails_above_the_failure_share_and_not_below_it(server):
     # One at a time, so the scripted outcomes meet the calls in order: 6 of 10 fail.
     server.faults.push(*["500"] * 6)
     with pytest.raises(LLMStageFailed, match=r"^summaries: 6 of \d+ LLM calls failed"):
-        summarise_stage(LLMClient(settings(server, max_attempts=1, max_concurrency=1)), 10)
+        summarise_stage(LLMClient(loopback_settings(server, max_attempts=1, max_concurrency=1)), 10)
 
     server.reset(faults=True)
     server.faults.push(*["500"] * 6)
     run = summarise_stage(
-        LLMClient(settings(server, max_attempts=1, max_concurrency=1, max_failure_share=0.7)), 10
+        LLMClient(loopback_settings(server, max_attempts=1, max_concurrency=1, max_failure_share=0.7)), 10
     )
     assert len(run.failures) == 6 and len(run.summaries) == 4  # at or below the share: kept going
 
 
 def test_once_the_share_is_certainly_passed_the_rest_of_the_stage_is_not_sent(server):
     server.faults.set(error_500_every=1)
-    client = LLMClient(settings(server, max_attempts=1, max_concurrency=1))
+    client = LLMClient(loopback_settings(server, max_attempts=1, max_concurrency=1))
     with pytest.raises(LLMStageFailed) as failed:
         summarise_stage(client, 40)
     # 21 failures settle it; at most the calls already in the window (4) are sent after that.
@@ -116,7 +91,7 @@ def test_once_the_share_is_certainly_passed_the_rest_of_the_stage_is_not_sent(se
 
 def test_a_401_stops_the_client_at_once_and_fails_the_stage(server):
     server.faults.push("401")  # only the first reply refuses: nothing after it may be sent
-    client = LLMClient(settings(server, max_concurrency=1))
+    client = LLMClient(loopback_settings(server, max_concurrency=1))
     with pytest.raises(LLMStageFailed) as failed:
         summarise_stage(client, 20)
     assert str(failed.value) == f"summaries: 20 of 20 LLM calls failed (first: {KEY_REFUSED})"
@@ -126,7 +101,7 @@ def test_a_401_stops_the_client_at_once_and_fails_the_stage(server):
 
 def test_a_403_is_a_refused_key_too_and_new_requests_fail_without_a_call(server):
     server.faults.push("403")
-    client = LLMClient(settings(server, max_concurrency=1))
+    client = LLMClient(loopback_settings(server, max_concurrency=1))
     with pytest.raises(LLMStageFailed, match=r"refused the key \(HTTP 403\)"):
         summarise_stage(client, 3)
     again = asyncio.run(
@@ -139,7 +114,7 @@ def test_a_403_is_a_refused_key_too_and_new_requests_fail_without_a_call(server)
 def test_llm_work_outside_gather_is_checked_by_run_llm(server):
     """Extractors call `complete` themselves: `run_llm` checks what the client's calls ended as."""
     server.faults.set(error_500_every=1)
-    client = LLMClient(settings(server, name="cheap", max_attempts=1))
+    client = LLMClient(loopback_settings(server, name="cheap", max_attempts=1))
 
     async def extractor_like() -> list[Any]:
         messages = [SUMMARY_PROMPT.messages(transcript=f"text {i}") for i in range(4)]
@@ -155,18 +130,9 @@ def test_llm_work_outside_gather_is_checked_by_run_llm(server):
 
 
 @pytest.mark.slow
-def test_kura_pipeline_run_exits_non_zero_with_the_steps_message_on_a_refused_key(
-    server, dataset_dir, tmp_path
-):
+def test_kura_pipeline_run_exits_non_zero_with_the_steps_message_on_a_refused_key(server, dataset_dir):
     server.faults.push(*["401"] * 40)  # a bad key: every request that reaches the endpoint
-    result = subprocess.run(
-        [str(Path(sys.executable).parent / "kura-pipeline"), "run", "topics"],
-        env=cli_env(tmp_path, dataset_dir, KURA_LLM_BASE_URL=server.base_url, KURA_LLM_MODEL="loopback"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-    )
+    result = kura_pipeline(dataset_dir, "run", "topics", timeout=600, **loopback_env(server))
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Every stage" not in result.stdout
     failure = [
@@ -179,23 +145,12 @@ def test_kura_pipeline_run_exits_non_zero_with_the_steps_message_on_a_refused_ke
     assert 1 <= server.stats.count("chat") <= 8
 
 
-def cli_env(tmp_path: Path, dataset_dir: Path, **values: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KURA_", "DAGSTER_", "OPENAI_"))}
-    return env | {
-        "KURA_DATASETS": str(dataset_dir / "datasets.yaml"),
-        "KURA_DATA_DIR": str(tmp_path / "data"),
-        "KURA_LLM_CACHE": str(tmp_path / "cache.sqlite3"),
-        "DAGSTER_HOME": str(tmp_path),
-        **values,
-    }
-
-
 # ----- 2. timeouts a user controls -----
 
 
 def test_a_silent_endpoint_fails_the_stage_after_two_read_timeouts_per_call(server):
     server.faults.set(timeout_every=1, hang_seconds=60.0)  # accepts, reads, never answers
-    client = LLMClient(settings(server, read_timeout_seconds=0.5, max_attempts=4))
+    client = LLMClient(loopback_settings(server, read_timeout_seconds=0.5, max_attempts=4))
     started = time.monotonic()
     with pytest.raises(
         LLMStageFailed, match=r"^summaries: 4 of 4 LLM calls failed \(first: the LLM request timed out\)"
@@ -227,7 +182,7 @@ def test_the_defaults_end_a_silent_endpoint_well_under_four_minutes():
 
 def test_after_the_stage_deadline_the_remaining_calls_fail_with_a_reason(server):
     server.faults.set(timeout_every=1, hang_seconds=60.0)
-    client = LLMClient(settings(server, read_timeout_seconds=30.0, stage_deadline_seconds=1.0))
+    client = LLMClient(loopback_settings(server, read_timeout_seconds=30.0, stage_deadline_seconds=1.0))
     started = time.monotonic()
     with pytest.raises(
         LLMStageFailed, match=rf"^summaries: .* LLM calls failed.*\(first: {STAGE_DEADLINE_PASSED}\)"
@@ -238,7 +193,7 @@ def test_after_the_stage_deadline_the_remaining_calls_fail_with_a_reason(server)
 
 
 def test_connect_and_read_timeouts_reach_the_http_client(server):
-    client = LLMClient(settings(server, connect_timeout_seconds=3.0, read_timeout_seconds=7.0))
+    client = LLMClient(loopback_settings(server, connect_timeout_seconds=3.0, read_timeout_seconds=7.0))
 
     async def built() -> Any:
         client._ensure_loop_state()
@@ -343,7 +298,7 @@ def test_identical_requests_in_flight_are_paid_once(server, tmp_path):
     # The cache answers copies that start after the first answer came back; single flight the
     # ones that start while it is on its way (without it: 40 calls, the cache still empty).
     with ResponseCache(tmp_path / "cache.sqlite3") as cache:
-        client = LLMClient(settings(server, max_concurrency=8), cache=cache)
+        client = LLMClient(loopback_settings(server, max_concurrency=8), cache=cache)
         run = summarise_stage(client, 40, same_text=True)
     assert len(run.summaries) == 40 and not run.failures
     assert server.stats.count("chat") == 1

@@ -7,16 +7,16 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Iterator
-from datetime import UTC, datetime
 
 import pytest
 from dagster import DagsterInstance, asset, materialize
 
 from kura_pipeline.core.llm import LLMStageFailed, run_llm
-from kura_pipeline.core.models import Conversation, Message
+from kura_pipeline.core.models import Conversation
 from kura_pipeline.core.redact import REDACTED, install_redaction, redact, uninstall_redaction
 from kura_pipeline.core.summarise import summarise_all_with_llm
 from kura_pipeline.resources.llm import LLMResource, NamedLLMClient
+from kura_pipeline_tests.support.llm_fixtures import loopback_resource, question_and_answer
 from kura_pipeline_tests.support.loopback import LoopbackServer
 
 KEY = "sk-test-0123456789abcdefSECRET"
@@ -25,22 +25,13 @@ CHAR_BUDGET = 4000
 
 
 def conversations(count: int) -> list[Conversation]:
-    created = datetime(2026, 1, 1, tzinfo=UTC)
-    return [
-        Conversation(
-            chat_id=f"s-{index}",
-            created_at=created,
-            messages=[
-                Message(role="user", content=f"How do I sort list {index} in Python?"),
-                Message(role="assistant", content="Use sorted(numbers)."),
-            ],
-        )
-        for index in range(count)
-    ]
+    questions = [f"How do I sort list {index} in Python?" for index in range(count)]
+    return question_and_answer(questions, answer="Use sorted(numbers).", tag="s")
 
 
 @pytest.fixture
 def server() -> Iterator[LoopbackServer]:
+    """Not conftest's: this endpoint echoes the Authorization header in its replies."""
     with LoopbackServer(echo_authorization=True) as srv:
         yield srv
 
@@ -63,16 +54,12 @@ def loud_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
 
 def resource(server: LoopbackServer, **overrides: object) -> LLMResource:
     values: dict[str, object] = {
-        "backend": "openai",
-        "base_url": server.base_url,
-        "model": "loopback",
         "api_key": KEY,
         "max_concurrency": 2,
         "max_attempts": 3,
         "read_timeout_seconds": 5.0,
-        "cache_path": "",
     }
-    return LLMResource(**(values | overrides))
+    return loopback_resource(server, **(values | overrides))
 
 
 def everything_logged(caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]) -> str:

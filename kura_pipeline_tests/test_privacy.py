@@ -18,8 +18,9 @@ from kura_pipeline.resources.io_manager import storage_resources
 from kura_pipeline.resources.llm import LLMResource
 from kura_pipeline.resources.privacy import PrivacyPolicy
 from kura_pipeline.resources.registry import DatasetRegistry
+from kura_pipeline_tests.support.llm_fixtures import write_jsonl_dataset
 
-from .conftest import TOPICS, write_jsonl
+from .conftest import TOPICS
 
 PII = [
     "jane.roe@example.org",
@@ -81,10 +82,7 @@ def test_seeded_pii_reaches_no_output_a_person_reads(tmp_path):
                     metadata={"user_id": f"user-{i % 3}"},
                 )
             )
-    write_jsonl(conversations, tmp_path / "pii.jsonl")
-    (tmp_path / "datasets.yaml").write_text(
-        "datasets:\n  pii:\n    loader: jsonl\n    options: {path: pii.jsonl}\n"
-    )
+    write_jsonl_dataset(tmp_path, "pii", conversations)
     data = tmp_path / "data"
     with instance_for_test() as instance:
         instance.add_dynamic_partitions("datasets", ["pii"])
@@ -134,21 +132,19 @@ def test_seeded_pii_reaches_no_output_a_person_reads(tmp_path):
     assert scrubbed["email"] >= 40 and scrubbed["name"] == 40 + 8  # every introduction, 8 "Mrs. Hollis"
 
 
-def test_the_auditor_rates_each_cluster_and_an_unaudited_cluster_is_withheld(tmp_path):
+def test_the_auditor_rates_each_cluster_and_an_unaudited_cluster_is_withheld(server):
     import asyncio
 
     from kura_pipeline.core.llm import LLMClient, LLMSettings
     from kura_pipeline.core.privacy_audit import audit_clusters, withheld_by_audit
-    from kura_pipeline_tests.support.loopback import LoopbackServer
 
     clusters = [_cluster("a", 6), _cluster("b", 6), _cluster("c", 6)]
-    with LoopbackServer() as server:
-        server.faults.push("ok", "500", "ok")  # the second audit call fails
-        client = LLMClient(
-            LLMSettings(model="loopback", base_url=server.base_url, max_attempts=1, max_concurrency=1)
-        )
-        ratings = asyncio.run(audit_clusters(client, clusters))
-        prompts = [body["messages"][1]["content"] for body in server.stats.bodies("chat")]
+    server.faults.push("ok", "500", "ok")  # the second audit call fails
+    client = LLMClient(
+        LLMSettings(model="loopback", base_url=server.base_url, max_attempts=1, max_concurrency=1)
+    )
+    ratings = asyncio.run(audit_clusters(client, clusters))
+    prompts = [body["messages"][1]["content"] for body in server.stats.bodies("chat")]
     assert sorted(ratings) == ["a", "b", "c"] and ratings["b"] is None
     assert all(1 <= ratings[c] <= 5 for c in ("a", "c"))
     assert all("name a" in p or "name b" in p or "name c" in p for p in prompts)  # name and description sent
