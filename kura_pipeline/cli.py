@@ -25,6 +25,7 @@ from kura_pipeline.core.frames import frame_to_clusters
 from kura_pipeline.core.kura_format import write_kura_checkpoint
 from kura_pipeline.core.registry import DatasetSpec, RegistryError, read_registry_entries
 from kura_pipeline.core.render.tree import fallback_note, render_tree
+from kura_pipeline.instance import open_instance
 from kura_pipeline.partitions import add_missing_partitions, datasets_partitions
 from kura_pipeline.resources.registry import DatasetRegistry
 from kura_pipeline.resources.storage import page_path, stage_path, table_rows
@@ -43,7 +44,7 @@ def cli_instance() -> DagsterInstance:
             # one `dagster dev` starts) that fails runs whose worker died
             config.write_text("run_monitoring:\n  enabled: true\n", encoding="utf-8")
         os.environ["DAGSTER_HOME"] = str(home)
-    return DagsterInstance.get()
+    return open_instance()
 
 
 def _definitions() -> Any:

@@ -17,11 +17,12 @@ from __future__ import annotations
 import os
 import warnings
 
-from dagster import AssetSelection, DagsterInstance, Definitions, EnvVar, define_asset_job
+from dagster import AssetSelection, Definitions, EnvVar, define_asset_job
 
 from kura_pipeline.assets import ALL_ASSETS
 from kura_pipeline.core.llm import allowed_range, check_setting
 from kura_pipeline.core.registry import RegistryError, read_registry_entries
+from kura_pipeline.instance import open_instance
 from kura_pipeline.partitions import add_missing_partitions, datasets_partitions
 from kura_pipeline.resources.embedder import LOCAL_MODELS as LOCAL_EMBEDDING_MODELS
 from kura_pipeline.resources.embedder import MINILM, EmbedderResource
@@ -162,7 +163,7 @@ def register_registry_datasets(registry_path: str) -> list[str]:
         datasets = read_registry_entries(registry_path)[0]
         if not datasets:
             return []
-        with DagsterInstance.get() as instance:
+        with open_instance() as instance:
             return add_missing_partitions(instance, datasets)
     except RegistryError:
         return []
