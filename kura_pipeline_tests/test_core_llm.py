@@ -374,3 +374,15 @@ def test_the_api_key_appears_in_no_repr_reason_log_metadata_or_cache(server, tmp
     assert "api_key" not in repr(settings)
     stored = b"".join(path.read_bytes() for path in tmp_path.iterdir())  # the database and its WAL
     assert key.encode() not in stored and b"summary" in stored
+
+
+def test_progress_reads_right_for_a_fast_endpoint_and_a_slow_local_model():
+    from kura_pipeline.core.llm import progress_line
+
+    # A remote endpoint: per second, time left.
+    fast = progress_line("summaries", 400, 1000, 0, 20.0)
+    assert fast == "summaries: 400/1000 done, 20.0/s, about 30s left"
+    # A local model at one answer every 30 s: "0.0/s" said nothing; per minute and minutes left do.
+    line = progress_line("summaries", 10, 30, 2, 300.0)
+    assert line == "summaries: 10/30 done, 2 failed, 2.0/min, about 10m00s left"
+    assert progress_line("audit", 5, 5, 0, 3725.0) == "audit: 5/5 done, 0.1/min, took 1h02m"

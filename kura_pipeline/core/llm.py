@@ -408,6 +408,31 @@ def process_limits(settings: LLMSettings) -> EndpointLimits:
         return _PROCESS_LIMITS[identity]
 
 
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def progress_line(label: str, done: int, total: int, failed: int, elapsed: float) -> str:
+    """One progress line of a stage's LLM calls: the rate per second or, for a slow local model
+    (0.03 a second would print as "0.0/s"), per minute; the time left; the failures so far."""
+    rate = done / max(elapsed, 1e-9)
+    pace = f"{rate:.1f}/s" if rate >= 1 else f"{rate * 60:.1f}/min"
+    if rate and done < total:
+        left = f"about {_duration((total - done) / rate)} left"
+    else:
+        left = f"took {_duration(elapsed)}"
+    failures = f", {failed} failed" if failed else ""
+    return f"{label}: {done}/{total} done{failures}, {pace}, {left}"
+
+
 class LLMClient:
     """One named client: its endpoint, its limits, its cache and its own accounting.
 
@@ -763,9 +788,7 @@ class LLMClient:
             now = time.monotonic()
             if now - last_report >= 5 or done == total:
                 last_report = now
-                rate = done / max(now - started, 1e-9)
-                eta = (total - done) / rate if rate else float("inf")
-                self.log(f"{label}: {done}/{total} done, {rate:.1f}/s, ETA {eta:.0f}s")
+                self.log(progress_line(label, done, total, failed, now - started))
             return result
 
         results = list(await asyncio.gather(*(tracked(call) for call in calls)))
