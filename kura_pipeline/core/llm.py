@@ -408,7 +408,6 @@ def process_limits(settings: LLMSettings) -> EndpointLimits:
         return _PROCESS_LIMITS[identity]
 
 
-
 def _duration(seconds: float) -> str:
     seconds = round(seconds)
     if seconds < 60:
