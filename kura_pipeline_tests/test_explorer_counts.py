@@ -28,7 +28,7 @@ from kura_pipeline.core.render.explorer import (
     render_html,
     top_clusters_markdown,
 )
-from kura_pipeline.core.render.shown import WITHHELD_LINE, shown_tree
+from kura_pipeline.core.render.shown import shown_tree, withheld_line
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -187,9 +187,9 @@ def test_a_parent_with_a_withheld_child_counts_it_as_one_line_and_shows_nothing_
     assert set(clusters) == {"T1", "M1", "B1", "B2", "T2", "M3", "B5"}
     # All its conversations, withheld ones included: the number the terminal tree prints.
     assert clusters["T1"]["count"] == 15 and clusters["M1"]["count"] == 12
-    assert clusters["T1"]["withheldLine"] == WITHHELD_LINE.format(count=3)
-    assert clusters["M1"]["withheldLine"] == WITHHELD_LINE.format(count=2)
-    assert data["withheldTopLine"] == WITHHELD_LINE.format(count=2) and data["total"] == 22
+    assert clusters["T1"]["withheldLine"] == withheld_line(3)
+    assert clusters["M1"]["withheldLine"] == withheld_line(2)
+    assert data["withheldTopLine"] == withheld_line(2) and data["total"] == 22
     # Every parent is the sum of its shown children and its withheld line; so is the whole.
     for cid, cluster in clusters.items():
         kids = [k for k in clusters.values() if k["parent"] == cluster["index"]]
@@ -213,7 +213,7 @@ def test_every_share_is_of_all_conversations_in_the_shown_tree_and_the_dagster_t
     assert data.cluster_shares[data.cluster_ids.index("T1")] == "68.2%"  # 15 of 22
     table = top_clusters_markdown(data)
     assert "| Cluster T1 | 15 | 68.2% | 1 |" in table and "| Cluster T2 | 5 | 22.7% | 1 |" in table
-    assert f"| | {WITHHELD_LINE.format(count=2)} | 2 | | |" in table
+    assert f"| | {withheld_line(2)} | 2 | | |" in table
     assert "| **all conversations** | 22 | 100.0% |" in table
 
 
@@ -242,7 +242,7 @@ def test_a_cluster_named_without_the_llm_is_marked_and_counted_in_the_notes():
     assert data.cluster_fallbacks[data.cluster_ids.index("M3")] == FALLBACK
     assert sum(1 for f in data.cluster_fallbacks if f) == 1
     assert any(
-        n.startswith("1 of the 7 clusters shown were named or grouped without the LLM") for n in data.notes
+        n.startswith("1 of the 7 clusters shown was named or grouped without the LLM") for n in data.notes
     )
     older = build_explorer_data(dataset="d", **counts_frames(fallback_column=False))
     assert not any(older.cluster_fallbacks) and not any("without the LLM" in n for n in older.notes)
@@ -308,12 +308,12 @@ def test_the_tree_and_the_detail_pane_say_the_same_numbers_for_a_parent_with_a_w
     assert sum(child_counts) == 15
     assert page.text_content(
         "#tree .node-row[data-cluster='T1'] + ul > li.withheld-line"
-    ) == WITHHELD_LINE.format(count=3)
-    assert page.text_content("#tree > li.withheld-line") == WITHHELD_LINE.format(count=2)
+    ) == withheld_line(3)
+    assert page.text_content("#tree > li.withheld-line") == withheld_line(2)
     # The detail pane: the same count and share, in words; its children as in the tree.
     assert page.text_content("#detail-count") == "15 conversations · 68.2% of all conversations · level 2"
     assert page.locator("#detail-children .size").all_text_contents() == ["12 · 54.5%"]
-    assert page.text_content("#detail-withheld") == WITHHELD_LINE.format(count=3)
+    assert page.text_content("#detail-withheld") == withheld_line(3)
     assert page.text_content("#stats").startswith("22 conversations")
     # A filter counts matches of each cluster's count; the share stays the cluster's share.
     page.select_option("#facet-select", label="topic")

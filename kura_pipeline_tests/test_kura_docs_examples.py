@@ -746,7 +746,7 @@ def test_conversation_metadata(session: dict[str, Any], capsys: pytest.CaptureFi
     # Ten conversations over five topics make clusters under the privacy threshold (5): the tree
     # is printed, and says they are withheld.
     printed = capsys.readouterr().out
-    assert printed.startswith("Clusters (10 conversations)\n") and "clusters withheld" in printed
+    assert printed.startswith("Clusters (10 conversations)\n") and " withheld: below the privacy" in printed
 
 
 @pytest.mark.slow

@@ -11,7 +11,12 @@ from dagster import instance_for_test, materialize
 from kura_pipeline.assets import ALL_ASSETS
 from kura_pipeline.core.frames import frame_to_clusters
 from kura_pipeline.core.models import Cluster, Conversation, Message
-from kura_pipeline.core.privacy import AggregationThreshold, scrub_pii, withheld_cluster_ids
+from kura_pipeline.core.privacy import (
+    AggregationThreshold,
+    parents_with_nothing_shown,
+    scrub_pii,
+    withheld_cluster_ids,
+)
 from kura_pipeline.core.render.tree import render_markdown_tree, render_tree
 from kura_pipeline.resources.embedder import EmbedderResource
 from kura_pipeline.resources.io_manager import storage_resources
@@ -60,10 +65,32 @@ def test_withheld_clusters_never_reach_the_tree_but_are_counted():
     clusters = [parent, visible, hidden]
     for text in (render_tree(clusters), render_markdown_tree(clusters)):
         assert "name visible" in text and "name hidden" not in text
-        assert "1 clusters withheld: below the privacy threshold" in text
-        assert "3 of 15 conversations are in them" in text
+        assert "1 cluster withheld: below the privacy threshold" in text
+        assert "3 of 15 conversations are in it" in text
         assert "3 conversations in clusters too small or too specific to show" in text
 
+
+
+def test_a_parent_whose_every_child_is_withheld_is_withheld_and_counted_one_level_up():
+    # The local 0.5B demo showed "Requests with no phrase in common (8 conversations)" at the top,
+    # described "Of the 0 in clusters shown", above a single line of withheld conversations.
+    root = _cluster("root", 20, level=2)
+    kept = _cluster("kept", 12, parent="root", level=1)
+    empty = _cluster("empty", 8, parent="root", level=1)
+    shown = _cluster("shown", 12, parent="kept")
+    small = [_cluster(f"small{i}", 4, parent="empty") for i in range(2)]
+    clusters = [root, kept, empty, shown, *small]
+    withheld = {c.id for c in small}
+    assert parents_with_nothing_shown(clusters, withheld) == {"empty"}
+    # A parent with one shown child keeps it; one with no children at all is a base cluster.
+    assert parents_with_nothing_shown(clusters, set()) == set()
+    # Up the levels: when "kept"'s only child goes too, so do "kept" and then "root".
+    assert parents_with_nothing_shown(clusters, withheld | {"shown"}) == {"empty", "kept", "root"}
+    marked = [c.model_copy(update={"withheld": c.id in withheld | {"empty"}}) for c in clusters]
+    text = render_tree(marked)
+    assert "name empty" not in text and "Of the 0" not in text
+    assert "(8 conversations in clusters too small or too specific to show, 40.0%)" in text
+    assert "3 clusters withheld" in text
 
 @pytest.mark.slow
 def test_seeded_pii_reaches_no_output_a_person_reads(tmp_path):

@@ -18,7 +18,7 @@ from kura_pipeline.core.hierarchy import build_offline_hierarchy
 from kura_pipeline.core.models import Cluster, Conversation, Message
 from kura_pipeline.core.naming import ClusterLabel
 from kura_pipeline.core.phrases import words
-from kura_pipeline.core.render.shown import WITHHELD_LINE, shown_tree
+from kura_pipeline.core.render.shown import shown_tree, withheld_line
 from kura_pipeline.core.render.tree import fallback_note, render_markdown_tree, render_tree
 from kura_pipeline.resources.llm import LLMResource
 from kura_pipeline_tests.conftest import make_conversations, write_jsonl
@@ -119,11 +119,11 @@ def test_counts_add_up_with_the_withheld_part_as_one_line():
     assert text.splitlines()[0] == "Clusters (20 conversations)"
     assert "name p (12 conversations, 60.0%)" in text
     assert "name big (9 conversations, 45.0%)" in text
-    assert f"({WITHHELD_LINE.format(count=3)}, 15.0%)" in text
+    assert f"({withheld_line(3)}, 15.0%)" in text
     assert "name small" not in text and "name tiny" not in text
     markdown = render_markdown_tree(clusters)
     assert "**name p** — 12 (60.0%)" in markdown and "**name big** — 9 (45.0%)" in markdown
-    assert markdown.count(WITHHELD_LINE.format(count=3)) == 2  # under p, and at the top
+    assert markdown.count(withheld_line(3)) == 2  # under p, and at the top
     assert "name small" not in markdown
 
 

@@ -15,7 +15,7 @@ from dagster import (
 from kura_pipeline.core.backends import HierarchyInputs, dataset_corpus
 from kura_pipeline.core.frames import clusters_to_frame, frame_to_clusters, frame_to_embeddings
 from kura_pipeline.core.hierarchy import hierarchy_problems
-from kura_pipeline.core.privacy import withheld_cluster_ids
+from kura_pipeline.core.privacy import parents_with_nothing_shown, withheld_cluster_ids
 from kura_pipeline.core.render.shown import shown_tree
 from kura_pipeline.core.render.tree import fallback_note, render_markdown_tree
 from kura_pipeline.partitions import datasets_partitions
@@ -48,10 +48,10 @@ def meta_clusters(
 ) -> Iterator[Output | AssetCheckResult]:
     """The whole hierarchy, every level in one table (level 0 = base clusters, parents above,
     `parent_id` linking them); the top level has between 2 and `max_top_clusters` clusters, as
-    many as the data holds. Clusters below the privacy policy's thresholds are flagged
-    `withheld`: the tree here, in the terminal and in the explorer never shows them, and they
-    lend no words to their parents' names. Clusters an LLM run named or grouped without the
-    model say why in `fallback`."""
+    many as the data holds. Clusters below the privacy policy's thresholds (or failing the
+    audit), and parents all of whose children are, are flagged `withheld`: the tree here, in the
+    terminal and in the explorer never shows them, and they lend no words to their parents'
+    names. Clusters an LLM run named or grouped without the model say why in `fallback`."""
     backend = llm.select_backend(log=context.log.info)
     chat_ids, embeddings = frame_to_embeddings(summary_embeddings)
     corpus = dataset_corpus(conversation_summaries, chat_ids, privacy.threshold, privacy.user_id_field)
@@ -71,8 +71,9 @@ def meta_clusters(
     clusters = result.clusters
     withheld = withheld_cluster_ids(clusters, privacy.threshold, users)
     audited = backend.withheld([c for c in clusters if c.id not in withheld], privacy.min_audit_rating)
+    emptied = parents_with_nothing_shown(clusters, withheld | audited)
     for cluster in clusters:
-        cluster.withheld = cluster.id in withheld or cluster.id in audited
+        cluster.withheld = cluster.id in withheld or cluster.id in audited or cluster.id in emptied
     levels = max(c.level for c in clusters) + 1 if clusters else 0
     fallbacks = [c for c in clusters if c.fallback]
     if note := fallback_note(clusters):
@@ -88,7 +89,7 @@ def meta_clusters(
             "top_level_clusters": sum(1 for c in clusters if c.parent_id is None),
             "assignment_fallbacks": sum(p.fallbacks for p in result.plans),
             "fallback_clusters": len(fallbacks),
-            "withheld_clusters": len(withheld | audited),
+            "withheld_clusters": len(withheld | audited | emptied),
             "withheld_by_privacy_audit": len(audited),
             # Conversations a reader is not shown, as the tree's withheld lines count them.
             "withheld_conversations": shown_tree(clusters).withheld_conversations,

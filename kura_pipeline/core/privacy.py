@@ -69,6 +69,23 @@ def withheld_cluster_ids(
     return withheld
 
 
+def parents_with_nothing_shown(clusters: list[Cluster], withheld: set[str]) -> set[str]:
+    """Parents every child of which is withheld (for size or by the audit), level by level up:
+    nothing under them can be shown, so their name and description would stand on nothing a
+    reader may see ("Of the 0 in clusters shown"). They are withheld too, and their conversations
+    counted in the withheld line of their own parent."""
+    children: dict[str, list[str]] = {}
+    for cluster in clusters:
+        if cluster.parent_id is not None:
+            children.setdefault(cluster.parent_id, []).append(cluster.id)
+    hidden = set(withheld)
+    for cluster in sorted(clusters, key=lambda c: c.level):
+        kids = children.get(cluster.id)
+        if kids and cluster.id not in hidden and all(kid in hidden for kid in kids):
+            hidden.add(cluster.id)
+    return hidden - set(withheld)
+
+
 def users_from_metadata(metadata_json: list[str | None], chat_ids: list[str], field: str) -> dict[str, str]:
     """chat_id -> user id, from a metadata field (conversations without it are left out)."""
     users = {}

@@ -35,7 +35,7 @@ from kura_pipeline.core.frames import frame_to_clusters
 from kura_pipeline.core.models import LOADER_BOOKKEEPING_KEYS
 from kura_pipeline.core.render.map_png import hex_to_rgb, scatter_png, swatch_png
 from kura_pipeline.core.render.markdown import escape_markdown
-from kura_pipeline.core.render.shown import WITHHELD_LINE, ShownTree, hidden_ids, shown_tree
+from kura_pipeline.core.render.shown import ShownTree, hidden_ids, shown_tree, withheld_line
 
 # Top-level clusters take these colours in order of size (the same in the page and the PNG).
 PALETTE = [
@@ -145,7 +145,7 @@ class ExplorerData:
 
     def as_json(self) -> dict[str, Any]:
         def line(count: int) -> str | None:
-            return WITHHELD_LINE.format(count=count) if count else None
+            return withheld_line(count) if count else None
 
         return {
             "version": 2,
@@ -268,7 +268,8 @@ def build_explorer_data(
     if any(fallbacks):
         marked = sum(1 for f in fallbacks if f)
         notes.append(
-            f"{marked} of the {len(shown)} clusters shown were named or grouped without the LLM "
+            f"{marked} of the {len(shown)} clusters shown {'was' if marked == 1 else 'were'} named or "
+            "grouped without the LLM "
             "(its answer could not be used); they are marked in the tree."
         )
     if hidden:
@@ -587,7 +588,7 @@ def top_clusters_markdown(data: ExplorerData, limit: int = 15) -> str:
         rest = sum(data.cluster_counts[c] for c in list(colours)[limit:])
         lines.append(f"| | … and {len(colours) - limit} more | {rest} | | |")
     if data.withheld_top:
-        lines.append(f"| | {WITHHELD_LINE.format(count=data.withheld_top)} | {data.withheld_top} | | |")
+        lines.append(f"| | {withheld_line(data.withheld_top)} | {data.withheld_top} | | |")
     if data.hierarchy_total:  # what the shares are shares of, so the column visibly adds up
         lines.append(f"| | **all conversations** | {data.hierarchy_total} | 100.0% | |")
     return "\n".join(lines)

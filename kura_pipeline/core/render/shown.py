@@ -16,7 +16,12 @@ from dataclasses import dataclass, field
 
 from kura_pipeline.core.models import Cluster
 
-WITHHELD_LINE = "{count} conversations in clusters too small or too specific to show"
+
+def withheld_line(count: int) -> str:
+    """The line that stands for the conversations of withheld clusters under one parent."""
+    if count == 1:
+        return "1 conversation in a cluster too small or too specific to show"
+    return f"{count} conversations in clusters too small or too specific to show"
 
 
 @dataclass

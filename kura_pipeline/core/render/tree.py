@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from kura_pipeline.core.models import Cluster
 from kura_pipeline.core.render.markdown import escape_markdown
-from kura_pipeline.core.render.shown import WITHHELD_LINE, ShownTree, shown_tree
+from kura_pipeline.core.render.shown import ShownTree, shown_tree, withheld_line
 
 
 def withheld_note(clusters: list[Cluster], tree: ShownTree | None = None) -> str | None:
@@ -15,9 +15,11 @@ def withheld_note(clusters: list[Cluster], tree: ShownTree | None = None) -> str
     tree = tree or shown_tree(clusters)
     if not tree.withheld_clusters:
         return None
+    n = tree.withheld_clusters
     return (
-        f"{tree.withheld_clusters} clusters withheld: below the privacy threshold or failed the "
-        f"privacy audit; {tree.withheld_conversations} of {tree.total} conversations are in them"
+        f"{_counted(n, 'cluster')} withheld: below the privacy threshold, failed the privacy audit, "
+        f"or holding only such clusters; {tree.withheld_conversations} of {tree.total} conversations "
+        f"are in {'it' if n == 1 else 'them'}"
     )
 
 
@@ -38,13 +40,18 @@ def fallback_note(clusters: list[Cluster]) -> str | None:
     shown = [c for c in fallen if not c.withheld]
     first = fallen[0].fallback
     return (
-        f"warning: {len(fallen)} clusters ({len(shown)} shown) were named or grouped without the LLM "
+        f"warning: {_counted(len(fallen), 'cluster')} ({len(shown)} shown) "
+        f"{'was' if len(fallen) == 1 else 'were'} named or grouped without the LLM "
         f"(marked in meta_clusters.fallback; first: {first})"
     )
 
 
+def _counted(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _conversations(count: int) -> str:
-    return f"{count} conversation{'' if count == 1 else 's'}"
+    return _counted(count, "conversation")
 
 
 def render_tree(clusters: list[Cluster], descriptions: bool = False, max_depth: int | None = None) -> str:
@@ -59,7 +66,7 @@ def render_tree(clusters: list[Cluster], descriptions: bool = False, max_depth: 
     def walk(entry: Cluster | int, prefix: str, last: bool, depth: int) -> None:
         branch = "╚══ " if last else "╠══ "
         if isinstance(entry, int):
-            lines.append(f"{prefix}{branch}({WITHHELD_LINE.format(count=entry)}, {tree.share(entry):.1f}%)")
+            lines.append(f"{prefix}{branch}({withheld_line(entry)}, {tree.share(entry):.1f}%)")
             return
         mark = f" [{fallback_mark(entry.fallback)}]" if entry.fallback else ""
         size = f"{_conversations(entry.count)}, {tree.share(entry.count):.1f}%"
@@ -86,10 +93,10 @@ def render_markdown_tree(clusters: list[Cluster], max_depth: int = 3) -> str:
     tree: ShownTree = shown_tree(clusters)
     lines: list[str] = []
 
-    def withheld_line(parent: str | None, depth: int) -> None:
+    def add_withheld_line(parent: str | None, depth: int) -> None:
         if count := tree.withheld_under.get(parent, 0):
             lines.append(
-                f"{'  ' * depth}- _{WITHHELD_LINE.format(count=count)}_ — {count} ({tree.share(count):.1f}%)"
+                f"{'  ' * depth}- _{withheld_line(count)}_ — {count} ({tree.share(count):.1f}%)"
             )
 
     def walk(cluster: Cluster, depth: int) -> None:
@@ -99,12 +106,12 @@ def render_markdown_tree(clusters: list[Cluster], max_depth: int = 3) -> str:
         if depth + 1 < max_depth:
             for child in tree.children.get(cluster.id, []):
                 walk(child, depth + 1)
-            withheld_line(cluster.id, depth + 1)
+            add_withheld_line(cluster.id, depth + 1)
 
     lines.append(f"{tree.total} conversations")
     for root in tree.roots:
         walk(root, 0)
-    withheld_line(None, 0)
+    add_withheld_line(None, 0)
     if note := withheld_note(clusters, tree):
         lines.append(f"\n_{note}_")
     return "\n".join(lines)
