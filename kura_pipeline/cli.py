@@ -10,6 +10,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 import webbrowser
 from collections.abc import Iterable, Mapping
 from importlib.metadata import version
@@ -29,7 +30,7 @@ from kura_pipeline.instance import open_instance
 from kura_pipeline.partitions import add_missing_partitions, datasets_partitions
 from kura_pipeline.resources.registry import DatasetRegistry
 from kura_pipeline.resources.storage import page_path, stage_path, table_rows
-from kura_pipeline.run_health import fail_abandoned_runs, failed_steps, in_process_run_tags
+from kura_pipeline.run_health import fail_abandoned_runs, failed_steps, in_process_run_tags, interrupted_step
 
 DEFAULT_DAGSTER_HOME = ".dagster_home"
 
@@ -44,13 +45,51 @@ def cli_instance() -> DagsterInstance:
             # one `dagster dev` starts) that fails runs whose worker died
             config.write_text("run_monitoring:\n  enabled: true\n", encoding="utf-8")
         os.environ["DAGSTER_HOME"] = str(home)
-    return open_instance()
+    return _open_or_fail()
+
+
+def _open_or_fail() -> DagsterInstance:
+    try:
+        return open_instance()
+    except Exception as error:  # a bad DAGSTER_HOME or dagster.yaml: Dagster's reason, one line
+        _fail(f"cannot open the Dagster instance at {os.environ['DAGSTER_HOME']}: {_first_line(error)}")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
+def _check_places(data_dir: str | None) -> None:
+    """DAGSTER_HOME and the data folder, before anything opens them: a relative DAGSTER_HOME is
+    made absolute (Dagster refuses one), and a path that is a file, or an object-store URL whose
+    filesystem package is not installed, is one line and exit 2 instead of a traceback at the
+    first read or write."""
+    if home := os.getenv("DAGSTER_HOME"):
+        if Path(home).is_file():
+            _fail(f"DAGSTER_HOME={home} is a file, not a folder")
+        os.environ["DAGSTER_HOME"] = str(Path(home).resolve())
+    if data_dir is None:
+        return
+    if "://" in data_dir:
+        import fsspec
+
+        try:
+            fsspec.get_filesystem_class(data_dir.split("://", 1)[0])
+        except (ImportError, ValueError) as error:
+            _fail(f"the data folder {data_dir}: {_first_line(error)}")
+    elif Path(data_dir).is_file():
+        _fail(f"the data folder {data_dir} is a file, not a folder")
 
 
 def _definitions() -> Any:
     """kura_pipeline.definitions, or one line and exit 2 for a bad setting (SettingError)."""
     try:
-        from kura_pipeline import definitions
+        with warnings.catch_warnings():
+            # The definitions register the registry's datasets in the instance as they load, and
+            # warn when it cannot be opened; a command that needs it says why in one line.
+            warnings.filterwarnings("ignore", message="could not register the registry's datasets")
+            from kura_pipeline import definitions
     except ValueError as error:  # a bad setting (SettingError): its one line, not a traceback
         _fail(str(error))
     return definitions
@@ -145,6 +184,7 @@ def main(registry: str | None, data_dir: str | None) -> None:
         os.environ["KURA_DATASETS"] = str(Path(registry).resolve())
     if data_dir is not None:
         os.environ["KURA_DATA_DIR"] = data_dir if "://" in data_dir else str(Path(data_dir).resolve())
+    _check_places(os.getenv("KURA_DATA_DIR"))
 
 
 @main.command()
@@ -219,6 +259,7 @@ def run(datasets: tuple[str, ...], every: bool, descriptions: bool) -> None:
     instance = cli_instance()
     _report_abandoned(instance)
     register_datasets(instance)
+    failed: list[str] = []
     for dataset in datasets:
         started = time.monotonic()
         result = defs.resolve_job_def(kura_job.name).execute_in_process(
@@ -229,25 +270,57 @@ def run(datasets: tuple[str, ...], every: bool, descriptions: bool) -> None:
             run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
         )
         elapsed = time.monotonic() - started
+        if stage := interrupted_step(result):
+            click.echo(
+                f"{dataset!r}: interrupted during {stage}; the stages it finished are kept, and "
+                f"`kura-pipeline run {dataset}` goes on from there",
+                err=True,
+            )
+            sys.exit(130)
         if not result.success:
+            # One dataset's failure is its own: say it, and go on with the others.
             for line in failed_steps(result):
-                click.echo(line, err=True)
-            sys.exit(1)
+                click.echo(f"{dataset!r}: {line}", err=True)
+            failed.append(dataset)
+            continue
         _print_tree(dataset, descriptions, depth=None)
-        click.echo(
-            f"\nEvery stage of {dataset!r} done in {elapsed:.0f} s; Parquet under "
-            f"{data_stage_path('raw_conversations', dataset).parent.parent}"
-        )
-        materialized = [
-            {
+        materialized = {
+            event.step_key: {
                 key: entry.value
                 for key, entry in event.step_materialization_data.materialization.metadata.items()
             }
             for event in result.all_events
             if event.is_step_materialization
-        ]
-        click.echo(format_llm_totals(llm_totals(materialized)))
+        }
+        click.echo(
+            f"\nEvery stage of {dataset!r} done in {elapsed:.0f} s; Parquet under "
+            f"{data_stage_path('raw_conversations', dataset).parent.parent}"
+        )
+        if note := input_note(materialized.get("raw_conversations", {})):
+            click.echo(note)
+        click.echo(format_llm_totals(llm_totals(materialized.values())))
         click.echo(f"Explorer: {explorer_path(dataset)} (open it: kura-pipeline open {dataset})\n")
+    if failed:
+        which = (
+            f"{failed[0]!r} failed"
+            if len(datasets) == 1
+            else f"{len(failed)} of {len(datasets)} datasets failed: {', '.join(failed)}"
+        )
+        click.echo(f"{which} (the lines above say why)", err=True)
+        sys.exit(1)
+
+
+def input_note(metadata: Mapping[str, Any]) -> str | None:
+    """What the run did not take as it was given: records skipped, characters replaced (from the
+    raw_conversations stage's metadata), so the last lines never say "done" over lost input."""
+    parts = []
+    if skipped := metadata.get("skipped_records"):
+        parts.append(f"{skipped} record{'' if skipped == 1 else 's'} skipped")
+    if replaced := metadata.get("replaced_characters"):
+        parts.append(f"{replaced} unreadable character{'' if replaced == 1 else 's'} replaced")
+    if not parts:
+        return None
+    return f"Input: {' and '.join(parts)} (each listed in raw_conversations' metadata: `dagster dev`)"
 
 
 @main.command()
@@ -427,6 +500,13 @@ def csv_ready(frame: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+def _make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        _fail(f"--out {folder}: cannot make the folder ({error.strerror or error})")
+
+
 @main.command()
 @click.argument("dataset", default="demo")
 @click.option(
@@ -450,7 +530,7 @@ def export(dataset: str, kind: str, out: str) -> None:
         missing = [stage for stage in KURA_STAGES if not paths[stage].exists()]
         if missing:
             _fail(f"no {', '.join(missing)} for {dataset!r} yet: run `kura-pipeline run {dataset}` first")
-        folder.mkdir(parents=True, exist_ok=True)
+        _make_folder(folder)
         counts = write_kura_checkpoint(folder, *(_read(paths[stage]) for stage in KURA_STAGES))
         for name, count in counts.items():
             click.echo(f"{folder / name}: {count} records")
@@ -462,7 +542,7 @@ def export(dataset: str, kind: str, out: str) -> None:
     present = {stage: path for stage, path in paths.items() if path.exists()}
     if not present:
         _fail(f"nothing to export for {dataset!r}: run `kura-pipeline run {dataset}` first")
-    folder.mkdir(parents=True, exist_ok=True)
+    _make_folder(folder)
     for stage, path in present.items():
         target = folder / f"{stage}.{kind}"
         if kind == "parquet":

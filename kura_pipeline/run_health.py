@@ -55,6 +55,17 @@ def step_reason(error: Any) -> str:
     return message if message and kind.endswith(error.cls_name or "\0") else error.message.strip()
 
 
+def interrupted_step(result: Any) -> str | None:
+    """The step an in-process run was interrupted in (Ctrl-C, SIGINT/SIGTERM), if it was."""
+    for event in result.all_events:
+        error = event.step_failure_data.error if event.is_step_failure and event.step_failure_data else None
+        while error is not None:
+            if error.cls_name in ("DagsterExecutionInterruptedError", "KeyboardInterrupt"):
+                return event.step_key
+            error = error.cause
+    return None
+
+
 def failed_steps(result: Any) -> list[str]:
     """One line per failed step of an in-process run's result: "<step> failed: <reason>"."""
     return [

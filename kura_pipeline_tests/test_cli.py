@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from importlib.metadata import version
@@ -344,3 +345,82 @@ def test_dagster_asset_materialize_works_on_a_fresh_instance_for_every_registry_
         assert pl.read_parquet(dataset_dir / "data" / "raw_conversations" / f"{dataset}.parquet").height == 40
     with DagsterInstance.from_config(str(home)) as instance:
         assert sorted(instance.get_dynamic_partitions(datasets_partitions.name)) == ["topics", "topics-again"]
+
+
+# ----- a run you can trust: every dataset tried, lost input said, places checked first -----
+
+
+@pytest.mark.slow
+def test_run_all_goes_on_past_a_bad_dataset_and_says_what_was_skipped(dataset_dir: Path) -> None:
+    # "topics" has one record that cannot be used; "absent" names a file that does not exist and
+    # sorts first, so before, `run --all` stopped there and never ran "topics".
+    with (dataset_dir / "topics.jsonl").open("a", encoding="utf-8") as file:
+        file.write('{"chat_id": "broken", "messages": "not a list"}\n')
+    registry(
+        dataset_dir,
+        "datasets:\n"
+        "  absent: {loader: jsonl, options: {path: nowhere.jsonl}}\n"
+        "  topics: {loader: jsonl, options: {path: topics.jsonl}}\n",
+    )
+    result = kura(dataset_dir, "run", "--all", timeout=600)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Every stage of 'topics' done" in result.stdout
+    assert "Input: 1 record skipped (each listed in raw_conversations' metadata" in result.stdout
+    assert "'absent': raw_conversations failed:" in result.stderr and "nowhere.jsonl" in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == "1 of 2 datasets failed: absent (the lines above say why)"
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_says_so_and_exits_130_and_a_re_run_finishes(tmp_path: Path) -> None:
+    registry(tmp_path, "datasets:\n  demo: {loader: sharegpt_package, options: {max_conversations: 300}}\n")
+    process = subprocess.Popen(
+        [KURA_PIPELINE, "run", "demo"],
+        env=cli_env(tmp_path),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    raw = tmp_path / "data" / "raw_conversations" / "demo.parquet"
+    deadline = time.monotonic() + 300
+    while not raw.exists():  # interrupt once the first stage is written: later ones take seconds
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=300)
+    if process.returncode == 0:
+        pytest.skip("the run finished before the interrupt reached a stage (a very fast machine)")
+    assert process.returncode == 130, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("'demo': interrupted during ") and "`kura-pipeline run demo` goes on" in last
+    assert "Every stage" not in out
+    again = kura(tmp_path, "run", "demo", timeout=600)
+    assert again.returncode == 0 and "Every stage of 'demo' done" in again.stdout, again.stderr[-3000:]
+
+
+def test_a_dagster_home_or_data_folder_that_cannot_work_is_one_line(tmp_path: Path) -> None:
+    registry(tmp_path, "datasets:\n  demo: {loader: jsonl, options: {path: x.jsonl}}\n")
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    one_line_error(kura(tmp_path, "list", DAGSTER_HOME=str(afile)), "DAGSTER_HOME=", "is a file")
+    one_line_error(kura(tmp_path, "--data-dir", str(afile), "list"), "the data folder", "is a file")
+    one_line_error(kura(tmp_path, "--data-dir", "s3://bucket/kura", "list"), "s3://bucket/kura", "s3fs")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("run_monitoring: [unclosed\n")
+    one_line_error(kura(tmp_path, "list", DAGSTER_HOME=str(home)), "cannot open the Dagster instance")
+    # A relative DAGSTER_HOME is made absolute (Dagster refuses one), not a traceback.
+    relative = kura(tmp_path, "list", DAGSTER_HOME="relative_home")
+    assert relative.returncode == 0 and "Traceback" not in relative.stderr, relative.stderr[-3000:]
+    assert (tmp_path / "relative_home").is_dir()
+
+
+def test_export_into_a_folder_under_a_file_is_one_line(tmp_path: Path) -> None:
+    registry(tmp_path, "datasets:\n  demo: {loader: jsonl, options: {path: x.jsonl}}\n")
+    stage = tmp_path / "data" / "raw_conversations"
+    stage.mkdir(parents=True)
+    conversations_to_frame([]).write_parquet(stage / "demo.parquet")
+    (tmp_path / "afile").write_text("not a folder")
+    under_a_file = kura(tmp_path, "export", "demo", "--out", str(tmp_path / "afile" / "sub"))
+    one_line_error(under_a_file, "--out", "cannot make the folder")

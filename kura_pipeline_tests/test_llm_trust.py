@@ -135,12 +135,12 @@ def test_kura_pipeline_run_exits_non_zero_with_the_steps_message_on_a_refused_ke
     result = kura_pipeline(dataset_dir, "run", "topics", timeout=600, **loopback_env(server))
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Every stage" not in result.stdout
-    failure = [
-        line for line in result.stderr.splitlines() if line.startswith("conversation_summaries failed:")
-    ]
+    step = "'topics': conversation_summaries failed:"
+    failure = [line for line in result.stderr.splitlines() if line.startswith(step)]
     assert failure == [
-        f"conversation_summaries failed: summaries: 40 of 40 LLM calls failed (first: {KEY_REFUSED})"
+        f"{step} summaries: 40 of 40 LLM calls failed (first: {KEY_REFUSED})"
     ], result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == "'topics' failed (the lines above say why)"
     # Only the requests already in flight (the default concurrency, 8) reached the endpoint.
     assert 1 <= server.stats.count("chat") <= 8
 
@@ -287,6 +287,78 @@ def test_kura_pipeline_run_with_a_bad_number_prints_one_line_and_exits_2(tmp_pat
         f"kura-pipeline: KURA_LLM_MAX_CONCURRENCY={value if value == '0' else repr(value)} "
         + ("is out of range" if value == "0" else "is not an integer")
         + ": it must be an integer >= 1"
+    ]
+
+
+@pytest.mark.parametrize(
+    "value", ["not a url", "localhost:8080/v1", "ftp://x", "http://", "http://:8080/v1", "http://h:99999/v1"]
+)
+def test_a_base_url_that_is_not_an_http_url_is_one_line_naming_the_variable(monkeypatch, value):
+    monkeypatch.setenv("KURA_LLM_BASE_URL", value)
+    with pytest.raises(SettingError) as error:
+        build_resources()
+    assert (
+        str(error.value)
+        == f"KURA_LLM_BASE_URL={value!r} is not an http(s) URL (like http://127.0.0.1:8080/v1)"
+    )
+
+
+@pytest.mark.parametrize(
+    "value", ["http://127.0.0.1:8080/v1", "https://api.example.com/v1/", "http://[::1]:9/v1"]
+)
+def test_an_http_base_url_reaches_the_client(monkeypatch, value):
+    monkeypatch.setenv("KURA_LLM_BASE_URL", value)
+    llm = build_resources()["llm"]
+    assert isinstance(llm, LLMResource) and llm.backend == "openai"
+    assert llm.client().settings.base_url == value
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("KURA_LLM_READ_TIMEOUT", "inf"),
+        ("KURA_LLM_CONNECT_TIMEOUT", "Infinity"),
+        ("KURA_LLM_STAGE_DEADLINE", "inf"),
+    ],
+)
+def test_an_endless_timeout_is_not_a_finite_number(monkeypatch, variable, value):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingError) as error:
+        build_resources()
+    assert str(error.value) == f"{variable}={value!r} is not a finite number: it must be a number > 0"
+
+
+def test_a_named_clients_base_url_and_an_endless_timeout_are_checked_too(monkeypatch, tmp_path):
+    clients = tmp_path / "clients.yaml"
+    clients.write_text("clients:\n  cheap: {model: m, base_url: 'localhost:8080/v1'}\n", encoding="utf-8")
+    monkeypatch.setenv("KURA_LLM_CLIENTS", str(clients))
+    with pytest.raises(SettingError) as error:
+        build_resources()
+    assert str(error.value) == (
+        f"KURA_LLM_CLIENTS={clients}: client 'cheap': base_url='localhost:8080/v1' is not an http(s) URL "
+        "(like http://127.0.0.1:8080/v1)"
+    )
+    with pytest.raises(ValueError, match=r"base_url='not a url' is not an http\(s\) URL"):
+        LLMSettings(model="m", base_url="not a url")
+    with pytest.raises(ValueError, match=r"read_timeout_seconds=inf is out of range: it must be > 0"):
+        NamedLLMClient(model="m", read_timeout_seconds=float("inf"))
+    with pytest.raises(ValueError, match=r"connect_timeout_seconds=inf is out of range"):
+        LLMSettings(model="m", connect_timeout_seconds=float("inf"))
+
+
+def test_kura_pipeline_run_with_a_bad_base_url_prints_one_line_and_exits_2(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KURA_", "DAGSTER_"))}
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "kura-pipeline"), "run", "demo"],
+        env=env | {"KURA_LLM_BASE_URL": "not a url", "DAGSTER_HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        "kura-pipeline: KURA_LLM_BASE_URL='not a url' is not an http(s) URL (like http://127.0.0.1:8080/v1)"
     ]
 
 
