@@ -66,6 +66,13 @@ def test_a_misspelt_option_names_the_unknown_key_and_the_allowed_ones(tmp_path: 
     one_line_error(kura(tmp_path, "run", "chats"), "'chats'", "unknown option 'paht'", "options: path")
 
 
+def test_a_missing_required_option_is_one_line_before_anything_runs(tmp_path: Path) -> None:
+    # Before: `list` showed it registered, and `run` failed the raw_conversations stage after
+    # some 90 lines of stack traces.
+    registry(tmp_path, "datasets:\n  chats:\n    loader: jsonl\n")
+    one_line_error(kura(tmp_path, "run", "chats"), "'chats'", "loader 'jsonl' needs the option 'path'")
+
+
 def test_a_bad_dataset_name_is_one_line(tmp_path: Path) -> None:
     registry(tmp_path, json.dumps({"datasets": {"my chats!": {"loader": "jsonl", "options": {"path": "x"}}}}))
     one_line_error(kura(tmp_path, "run", "my chats!"), "'my chats!'", "letters, digits")

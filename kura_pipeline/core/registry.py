@@ -117,14 +117,21 @@ def _check_options(spec: DatasetSpec, path: Path) -> None:
             f"known loaders: {', '.join(LOADERS)}"
         )
     parameters = inspect.signature(LOADERS[spec.loader]).parameters.values()
-    if any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters):
-        return
-    allowed = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    unknown = [str(key) for key in spec.options if key not in allowed]
-    if unknown:
+    named = [p for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+        allowed = [p.name for p in named]
+        unknown = [str(key) for key in spec.options if key not in allowed]
+        if unknown:
+            raise RegistryError(
+                f"{path}: dataset {spec.name!r}: unknown option {', '.join(map(repr, unknown))} for "
+                f"loader {spec.loader!r}; its options: {', '.join(allowed)}"
+            )
+    # A required option left out (`path`) is said here, not as a failed stage at run time.
+    missing = [p.name for p in named if p.default is p.empty and p.name not in spec.options]
+    if missing:
         raise RegistryError(
-            f"{path}: dataset {spec.name!r}: unknown option {', '.join(map(repr, unknown))} for loader "
-            f"{spec.loader!r}; its options: {', '.join(allowed)}"
+            f"{path}: dataset {spec.name!r}: loader {spec.loader!r} needs the option "
+            f"{', '.join(map(repr, missing))} (under `options:`)"
         )
 
 
