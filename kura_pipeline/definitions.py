@@ -9,18 +9,20 @@ million tokens), KURA_LLM_MAX_CONCURRENCY, KURA_LLM_CONNECT_TIMEOUT / KURA_LLM_R
 KURA_LLM_STAGE_DEADLINE (seconds), KURA_LLM_MAX_FAILURE_SHARE (a stage fails above it),
 KURA_LLM_CLIENTS (a YAML file of named clients), KURA_EMBEDDINGS_MODEL (with an endpoint, embed
 there too; `minilm-static` picks the fast offline static embedder). Each number is checked here:
-a bad one stops with one line naming the variable and its range (`SettingError`).
+a bad one stops with one line naming the variable and its range (`SettingError`), as does a base
+URL that is not an absolute http(s) URL with a host.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
 from dagster import AssetSelection, Definitions, EnvVar, define_asset_job
 
 from kura_pipeline.assets import ALL_ASSETS
-from kura_pipeline.core.llm import allowed_range, check_setting
+from kura_pipeline.core.llm import allowed_range, check_base_url, check_setting
 from kura_pipeline.core.registry import RegistryError, read_registry_entries
 from kura_pipeline.instance import open_instance
 from kura_pipeline.partitions import add_missing_partitions, datasets_partitions
@@ -69,6 +71,10 @@ def _number(name: str, kind: type[int] | type[float], setting: str) -> int | flo
         raise SettingError(
             f"{name}={value!r} is not {kind_name}: it must be {kind_name} {allowed_range(setting)}"
         ) from None
+    if not math.isfinite(number):  # "inf" or "nan" parse as floats: an endless timeout is a hang
+        raise SettingError(
+            f"{name}={value!r} is not a finite number: it must be {kind_name} {allowed_range(setting)}"
+        )
     if check_setting(setting, number):
         raise SettingError(f"{name}={value} is out of range: it must be {kind_name} {allowed_range(setting)}")
     return number
@@ -91,19 +97,35 @@ def _llm_numbers() -> dict[str, int | float]:
     return {setting: number for setting, number in numbers.items() if number is not None}
 
 
+def _base_url(name: str) -> str | None:
+    """The variable `name` as an endpoint's base URL (None: not set), checked to be an absolute
+    http(s) URL with a host: "not a url" would otherwise fail a run later as "could not connect"
+    without naming the setting."""
+    value = os.getenv(name, "").strip()
+    if not value:
+        return None
+    if problem := check_base_url(name, value):
+        raise SettingError(problem)
+    return value
+
+
 def _clients() -> dict[str, object]:
     path = os.getenv("KURA_LLM_CLIENTS")
     if not path:
         return {}
     try:
-        return clients_from_file(path)
+        clients = clients_from_file(path)
     except ValueError as error:  # a pydantic error has many lines: its first problem is enough
         raise SettingError(f"KURA_LLM_CLIENTS={path}: {str(error).splitlines()[0]}") from None
+    for name, client in clients.get("clients", {}).items():
+        if problem := check_base_url("base_url", getattr(client, "base_url", None)):
+            raise SettingError(f"KURA_LLM_CLIENTS={path}: client {name!r}: {problem}")
+    return clients
 
 
 def build_resources() -> dict[str, object]:
     llm_model = os.getenv("KURA_LLM_MODEL")
-    llm_base_url = os.getenv("KURA_LLM_BASE_URL")
+    llm_base_url = _base_url("KURA_LLM_BASE_URL")
     local_model = os.getenv("KURA_LLM_LOCAL_MODEL")
     backend = "local" if local_model else "openai" if (llm_model or llm_base_url) else "offline"
     embeddings_model = os.getenv("KURA_EMBEDDINGS_MODEL")
@@ -126,7 +148,7 @@ def build_resources() -> dict[str, object]:
             EmbedderResource(
                 backend="openai",
                 model=embeddings_model,
-                base_url=os.getenv("KURA_EMBEDDINGS_BASE_URL", llm_base_url),
+                base_url=_base_url("KURA_EMBEDDINGS_BASE_URL") or llm_base_url,
                 api_key=_secret("OPENAI_API_KEY"),
             )
             if embeddings_model and embeddings_model not in LOCAL_EMBEDDING_MODELS

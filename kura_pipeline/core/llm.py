@@ -11,6 +11,7 @@ import functools
 import hashlib
 import inspect
 import json
+import math
 import random
 import threading
 import time
@@ -18,6 +19,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import instructor
 import openai
@@ -101,9 +103,29 @@ def check_setting(name: str, value: float | None) -> str | None:
         return None
     low, high, inclusive = SETTING_RANGES[name]
     too_low = value < low if inclusive else value <= low
-    if too_low or (high is not None and value > high) or value != value:  # value != value: NaN
+    # Not finite (NaN, inf): an infinite timeout or deadline is a hang, not a setting.
+    if too_low or (high is not None and value > high) or not math.isfinite(value):
         return f"{name}={value!r} is out of range: it must be {allowed_range(name)}"
     return None
+
+
+BASE_URL_EXAMPLE = "http://127.0.0.1:8080/v1"
+
+
+def check_base_url(name: str, value: str | None) -> str | None:
+    """What is wrong with an endpoint's base URL (None: nothing, or not set): it must be an
+    absolute http(s) URL with a host, or every call fails later as "could not connect"."""
+    if value is None:
+        return None
+    try:
+        parts = urlsplit(str(value))
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+        good = (
+            parts.scheme in ("http", "https") and bool(parts.hostname) and not any(c.isspace() for c in value)
+        )
+    except ValueError:
+        good = False
+    return None if good else f"{name}={value!r} is not an http(s) URL (like {BASE_URL_EXAMPLE})"
 
 
 def settings_problems(values: dict[str, float | None]) -> list[str]:
@@ -143,6 +165,8 @@ class LLMSettings:
         for problem in settings_problems(
             {name: getattr(self, name) for name in SETTING_RANGES if hasattr(self, name)}
         ):
+            raise ValueError(f"LLM client {self.name!r}: {problem}")
+        if problem := check_base_url("base_url", self.base_url):
             raise ValueError(f"LLM client {self.name!r}: {problem}")
 
     @property
