@@ -141,3 +141,39 @@ def test_contractions_and_plurals_never_make_a_summary_s_phrases():
     picked = document_phrases(table, 0, text=texts[0], request=texts[0])
     assert "player" in " ".join(picked)
     assert not {"player", "players"} <= {word for phrase in picked for word in phrase.split()}
+
+
+def test_a_shared_russian_sentence_makes_cyrillic_phrases_and_a_name_not_other_requests():
+    # Words of any alphabet count: six conversations that share a Russian sentence are described
+    # and named by its phrases, not as "Other requests" with "no phrase shared" (ASCII-only words).
+    import re
+
+    from kura_pipeline.core.naming import naming_inputs, offline_labels
+    from kura_pipeline.core.phrases import words
+
+    russian = [
+        f"Помоги настроить обратный прокси nginx на сервере Ubuntu. Попытка номер {i}" for i in range(6)
+    ]
+    others = [f"How do I sort a list of numbers in Python, case {i}?" for i in range(6)] + [
+        "Переведи стихотворение Пушкина на английский",
+        "Какая погода будет завтра в Москве?",
+        "Расскажи историю про кота и собаку",
+    ]
+    conversations = [
+        Conversation(chat_id=f"c{i}", messages=[Message(role="user", content=text)])
+        for i, text in enumerate(russian + others)
+    ]
+    summaries = summarise_all_offline(conversations, min_conversations=5).summaries
+    cyrillic = re.compile("[а-яё]")
+    for summary in summaries[:6]:
+        assert summary.topic is not None and cyrillic.search(summary.topic), summary
+        assert " about " in summary.summary and cyrillic.search(summary.summary), summary
+    # Only phrases all six use: no one's rare word ("Пушкина") and no stop word ("на").
+    shown = " ".join(s.summary for s in summaries)
+    assert "пушкина" not in shown.lower() and " на " not in shown
+    texts = [s.clustering_text or "" for s in summaries]
+    inputs = naming_inputs(texts, [s.task for s in summaries], min_conversations=5)
+    [label, _] = offline_labels(inputs, [list(range(6)), list(range(6, 12))])
+    assert not label.name.lower().startswith("other requests"), label
+    assert cyrillic.search(label.name.lower()) and "No phrase is shared" not in label.description, label
+    assert words("Сервер NGINX, café и Ελλάδα; c++ 2nd") == ["сервер", "nginx", "café", "и", "ελλάδα", "c++"]

@@ -11,8 +11,9 @@ by maximal marginal relevance (as BERTopic's representation models do).
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -43,13 +44,58 @@ _OTHER_LANGUAGE_WORDS = {
     "el", "la", "de", "que", "y", "en", "los", "por", "para", "una", "es", "con", "le", "les",
     "des", "est", "et", "une", "pour", "pas", "vous", "dans", "der", "die", "und", "ist", "nicht",
     "ich", "das", "mit", "sie", "ein", "zu", "wie", "não", "em", "um", "com", "você",
+    # Russian: the commonest function words, and its "help", "please", "write", "hello".
+    "и", "в", "во", "не", "что", "он", "на", "я", "с", "со", "как", "а", "то", "все", "всё", "она",
+    "так", "его", "но", "да", "ты", "к", "у", "же", "вы", "за", "бы", "по", "только", "ее", "её",
+    "мне", "было", "вот", "от", "меня", "еще", "ещё", "нет", "о", "об", "из", "ему", "когда", "ли",
+    "если", "уже", "или", "ни", "быть", "был", "до", "вас", "там", "может", "они", "тут", "где",
+    "есть", "надо", "для", "мы", "тебя", "их", "чем", "без", "чтобы", "кто", "этот", "это", "эта",
+    "эти", "этого", "этой", "этом", "при", "про", "мой", "моя", "мою", "мои", "можно", "нужно",
+    "хочу", "помоги", "помогите", "пожалуйста", "напиши", "напишите", "подскажи", "подскажите",
+    "привет", "здравствуйте", "спасибо", "сделать", "какой", "какая", "какие",
 }  # fmt: skip
 STOP_WORDS = frozenset(ENGLISH_STOP_WORDS | _PLACEHOLDER_WORDS | _REQUEST_WORDS | _OTHER_LANGUAGE_WORDS)
 
 _SEGMENT = re.compile(r"[.,;:!?()\[\]{}<>\"\n\r\t|/\\=*`]+")
-_TOKEN = re.compile(r"(?<![a-z0-9_])[a-z][a-z0-9+#]*(?:'[a-z]+)?")
 MAX_PHRASE_WORDS = 3
 MAX_WORD_CHARS = 30  # longer "words" are identifiers, hashes or noise, never a topic
+
+
+def _characters(wanted: Callable[[str], bool]) -> str:
+    """The characters of the Basic Multilingual Plane that `wanted` accepts, as the body of a
+    regular-expression character class (ranges, escaped)."""
+    ranges: list[tuple[int, int]] = []
+    for code in range(0x80, 0x10000):
+        if 0xD800 <= code <= 0xDFFF or not wanted(chr(code)):
+            continue
+        if ranges and ranges[-1][1] == code - 1:
+            ranges[-1] = (ranges[-1][0], code)
+        else:
+            ranges.append((code, code))
+    return "".join(f"\\u{a:04x}" if a == b else f"\\u{a:04x}-\\u{b:04x}" for a, b in ranges)
+
+
+# A word is a letter of any alphabetic script (Latin with or without accents, Cyrillic, Greek,
+# Arabic, Hebrew, Hangul...) and then letters, digits, combining marks (Devanagari's vowel signs,
+# Arabic's and Hebrew's points: not word characters to `re`, yet inside words), "+" and "#"
+# ("c++", "c#"), with an optional "'s"-like ending. A digit, an underscore, a mark or a number
+# such as "²" never starts one, and a word never starts right after a letter, digit or "_"
+# ("my_var" is "my"). Scripts written without spaces (Chinese, Japanese, Thai) get one "word" per
+# run of characters, which is usually longer than MAX_WORD_CHARS and so dropped: splitting them
+# needs a segmenter, not a rule, and a wrong split would show fragments no one wrote.
+_MARKS = _characters(lambda c: unicodedata.category(c).startswith("M"))
+_NOT_DIGIT_NUMBERS = _characters(
+    lambda c: unicodedata.category(c)[0] == "N" and c.isalnum() and not c.isdecimal()
+)
+_TOKEN = re.compile(
+    rf"(?<![\w{_MARKS}])[^\W\d_{_NOT_DIGIT_NUMBERS}](?:[^\W_]++|[+#{_MARKS}]++)*+(?:'[^\W\d_]+)?"
+)
+
+
+def _lower(text: str) -> str:
+    """Lower case, with accents composed ("e" and a combining acute are "é"): the same word
+    typed two ways is one word."""
+    return unicodedata.normalize("NFC", text.lower())
 
 
 def _is_stop(token: str) -> bool:
@@ -64,14 +110,14 @@ def _is_stop(token: str) -> bool:
 
 def words(text: str) -> list[str]:
     """Lower-case words, as every offline text is built from (and as the privacy tests count them)."""
-    return _TOKEN.findall(text.lower())
+    return _TOKEN.findall(_lower(text))
 
 
 def candidate_phrases(text: str, allowed: frozenset[str] | None = None) -> list[str]:
     """Phrases of 1-3 consecutive words within a clause, none of them a stop word (and, with
     `allowed`, only of those words: a phrase is never more common than its rarest word)."""
     phrases: set[str] = set()
-    for segment in _SEGMENT.split(text.lower()):
+    for segment in _SEGMENT.split(_lower(text)):
         tokens = [t for t in _TOKEN.findall(segment) if len(t) <= MAX_WORD_CHARS]
         if allowed is not None:  # a dropped word ends the run: no phrase spans it
             tokens = [t if t in allowed else "" for t in tokens]
@@ -91,7 +137,7 @@ def candidate_phrases(text: str, allowed: frozenset[str] | None = None) -> list[
 
 
 def _words_of(text: str) -> list[str]:
-    return [t for t in set(_TOKEN.findall(text.lower())) if len(t) <= MAX_WORD_CHARS and not _is_stop(t)]
+    return [t for t in set(_TOKEN.findall(_lower(text))) if len(t) <= MAX_WORD_CHARS and not _is_stop(t)]
 
 
 @dataclass
