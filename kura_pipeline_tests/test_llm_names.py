@@ -123,6 +123,13 @@ def test_names_about_a_request_are_not_generic(name):
     assert generic_name(name) is None
 
 
+def test_a_model_s_name_in_another_script_is_a_name_not_empty():
+    # name_key kept only a-z and 0-9: a Russian model's name was "empty" and fell back offline.
+    assert generic_name("Настройка обратного прокси") is None
+    assert name_key("Настройка обратного прокси!") == name_key("настройка  ОБРАТНОГО прокси")
+    assert name_key("Café") != name_key("Caf")
+
+
 def test_a_name_equal_to_a_siblings_or_a_childs_is_a_problem_case_and_punctuation_aside():
     assert name_key("Plan trips!") == name_key("plan  TRIPS")
     labels = {0: ClusterLabel("Plan trips", "d"), 1: ClusterLabel("plan trips.", "d")}

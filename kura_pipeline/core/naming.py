@@ -208,7 +208,7 @@ FRAMING_DESCRIPTION = re.compile(
 
 def name_key(name: str) -> str:
     """A name as compared with another: case, punctuation and spacing ignored."""
-    return " ".join(re.findall(r"[0-9a-z]+", name.lower()))
+    return " ".join(re.findall(r"[^\W_]+", name.lower()))
 
 
 _EXAMPLE_KEYS = frozenset(name_key(example) for example in EXAMPLE_NAMES)
