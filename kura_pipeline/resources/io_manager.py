@@ -29,6 +29,7 @@ from kura_pipeline.resources.storage import (
     StageReader,
     stage_path,
     write_atomically,
+    write_if_changed,
 )
 
 # Names other modules imported from here before the layout had a module of its own.
@@ -47,11 +48,8 @@ class PolarsParquetUPathIOManager(UPathIOManager):
                 f"got {type(obj).__name__}"
             )
         data = parquet_bytes(obj)
-        digest = hashlib.sha256(data).hexdigest()
-        context.add_output_metadata({CONTENT_HASH_KEY: digest})
-        if path.exists() and _sha256_of(path) == digest:
-            return  # same content: leave the file (and its timestamp) alone
-        write_atomically(path, data)
+        context.add_output_metadata({CONTENT_HASH_KEY: hashlib.sha256(data).hexdigest()})
+        write_if_changed(path, data)  # same content: the file (and its timestamp) is left alone
 
     def load_from_path(self, context: InputContext, path: UPath) -> pl.DataFrame:
         # An input may ask for some columns only (`AssetIn(metadata={"columns": [...]})`):
@@ -67,11 +65,6 @@ class PolarsParquetUPathIOManager(UPathIOManager):
                 "\n".join(f"- `{name}`: {dtype}" for name, dtype in obj.schema.items())
             ),
         }
-
-
-def _sha256_of(path: UPath) -> str:
-    with path.open("rb") as file:
-        return hashlib.sha256(file.read()).hexdigest()
 
 
 class ParquetIOManager(ConfigurableIOManagerFactory):
@@ -91,7 +84,8 @@ class HtmlUPathIOManager(UPathIOManager):
     def dump_to_path(self, context: OutputContext, obj: str, path: UPath) -> None:
         # A sibling of its own, then an atomic replace: a browser never opens a half-written
         # page, even while another process writes the same one (object stores: one upload).
-        write_atomically(path, obj.encode("utf-8"))
+        # The same page again is not rewritten.
+        write_if_changed(path, obj.encode("utf-8"))
 
     def load_from_path(self, context: InputContext, path: UPath) -> str:
         return path.read_text(encoding="utf-8")

@@ -15,6 +15,7 @@ asks this module.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import uuid
 
@@ -66,6 +67,19 @@ def partial_name(path: UPath) -> UPath:
     """A sibling no other write uses: `<file>.<pid>.<uuid>.partial`. Two processes (or threads)
     writing the same stage never share a temporary file, so neither tears the other's."""
     return path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex}.partial")
+
+
+def write_if_changed(path: UPath, data: bytes) -> bool:
+    """`data` at `path` (atomically) unless the file already holds exactly it: a run with nothing
+    new rewrites no file, and a file's timestamp says when its content last changed. Returns
+    whether it wrote."""
+    digest = hashlib.sha256(data).hexdigest()
+    if path.exists():
+        with path.open("rb") as file:
+            if hashlib.sha256(file.read()).hexdigest() == digest:
+                return False
+    write_atomically(path, data)
+    return True
 
 
 def write_atomically(path: UPath, data: bytes) -> None:
