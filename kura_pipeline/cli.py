@@ -330,7 +330,25 @@ def input_note(metadata: Mapping[str, Any]) -> str | None:
 def tree(dataset: str, descriptions: bool, depth: int | None) -> None:
     """Print DATASET's cluster tree (like Kura's visualise_clusters)."""
     _known(dataset, *_registry_entries((dataset,)))
+    _warn_if_last_run_failed(dataset)
     _print_tree(dataset, descriptions, depth)
+
+
+def _warn_if_last_run_failed(dataset: str) -> None:
+    """What `tree`, `open`, `serve` and `export` show is what the last successful run left: when
+    a later run failed (or was interrupted), say so, once, on stderr."""
+    if not os.getenv("DAGSTER_HOME") and not Path(DEFAULT_DAGSTER_HOME).is_dir():
+        return  # no instance yet: no run to speak of
+    from dagster import DagsterRunStatus, RunsFilter
+
+    with cli_instance() as instance:
+        runs = instance.get_run_records(filters=RunsFilter(tags={"dagster/partition": dataset}), limit=1)
+    if runs and runs[0].dagster_run.status in (DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED):
+        click.echo(
+            f"note: the last run of {dataset!r} did not finish "
+            f"({runs[0].dagster_run.status.value.lower()}); this is what the run before it left",
+            err=True,
+        )
 
 
 def _print_tree(dataset: str, descriptions: bool, depth: int | None) -> None:
@@ -401,6 +419,7 @@ def _existing_page(dataset: str) -> UPath:
     page = explorer_path(dataset)
     if not page.exists():
         _fail(f"no explorer page for {dataset!r} at {page}: run `kura-pipeline run {dataset}` first")
+    _warn_if_last_run_failed(dataset)
     return page
 
 
@@ -525,6 +544,7 @@ def export(dataset: str, kind: str, out: str) -> None:
     folder = Path(out).resolve()
     if folder.exists() and not folder.is_dir():
         _fail(f"--out {folder} is a file, not a folder")
+    _warn_if_last_run_failed(dataset)
     paths = {stage: data_stage_path(stage, dataset) for stage in _table_stages()}
     if kind == "kura":
         missing = [stage for stage in KURA_STAGES if not paths[stage].exists()]

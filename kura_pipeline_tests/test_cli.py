@@ -376,6 +376,12 @@ def test_run_all_goes_on_past_a_bad_dataset_and_says_what_was_skipped(dataset_di
     assert "'absent': raw_conversations failed:" in result.stderr and "nowhere.jsonl" in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last == "1 of 2 datasets failed: absent (the lines above say why)"
+    # Then a run of "topics" fails: its tree is still the one the good run left, and says so.
+    (dataset_dir / "topics.jsonl").unlink()
+    assert kura(dataset_dir, "run", "topics", timeout=600).returncode == 1
+    shown = kura(dataset_dir, "tree", "topics")
+    assert shown.returncode == 0 and shown.stdout.startswith("Clusters (")
+    assert "note: the last run of 'topics' did not finish (failure)" in shown.stderr
 
 
 @pytest.mark.slow
