@@ -326,7 +326,7 @@ def input_note(metadata: Mapping[str, Any]) -> str | None:
 @main.command()
 @click.argument("dataset", default="demo")
 @click.option("--descriptions/--no-descriptions", default=False, help="Print cluster descriptions.")
-@click.option("--depth", type=int, default=None, help="Levels to show from the top.")
+@click.option("--depth", type=click.IntRange(min=1), default=None, help="Levels to show from the top.")
 def tree(dataset: str, descriptions: bool, depth: int | None) -> None:
     """Print DATASET's cluster tree (like Kura's visualise_clusters)."""
     _known(dataset, *_registry_entries((dataset,)))

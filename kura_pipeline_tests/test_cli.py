@@ -437,3 +437,8 @@ def test_export_into_a_folder_under_a_file_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "afile").write_text("not a folder")
     under_a_file = kura(tmp_path, "export", "demo", "--out", str(tmp_path / "afile" / "sub"))
     one_line_error(under_a_file, "--out", "cannot make the folder")
+
+
+@pytest.mark.parametrize("depth", ["0", "-1"])
+def test_a_depth_below_one_is_one_line(dataset_dir: Path, depth: str) -> None:
+    one_line_error(kura(dataset_dir, "tree", "topics", "--depth", depth), "--depth", ">=1")

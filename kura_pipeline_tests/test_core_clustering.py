@@ -307,3 +307,15 @@ def test_children_the_model_did_not_place_follow_their_nearest_placed_sibling():
     assert assign_unmatched([0, None, 1, None, None], centroids) == [0, 0, 1, 1, 0]
     assert assign_unmatched([2, 0, 1, 1, 0], centroids) == [2, 0, 1, 1, 0]  # answers are kept
     assert assign_unmatched([None] * 5, centroids) is None  # nothing to extend: the caller regroups
+
+
+def test_identical_conversations_cluster_without_a_warning_in_the_run_output():
+    import warnings
+
+    from kura_pipeline.core.cluster import kmeans_labels
+
+    same = np.ones((30, 8), dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # sklearn's ConvergenceWarning was printed in the CLI run
+        labels = kmeans_labels(same, 10)
+    assert len(set(labels.tolist())) == 1

@@ -215,8 +215,8 @@ def test_chatgpt_records_with_broken_mappings_are_skipped(tmp_path: Path) -> Non
     assert skipped_pairs(result) == [
         ("#1 (id=ghost-node)", "node ghost is on the current branch but missing from mapping"),
         ("#2 (id=cycle)", "mapping has a parent cycle at node b"),
-        ("#3 (id=no-mapping)", "missing field 'mapping'"),
-        ("#4 (id=no-current)", "missing field 'current_node'"),
+        ("#3 (id=no-mapping)", "field 'mapping' is null"),
+        ("#4 (id=no-current)", "field 'current_node' is null"),
         ("#5 (id=bad-time)", "create_time is not an ISO 8601 timestamp: 'yesterday'"),
         ("#6 (id=only-system)", EMPTY_REASON),
     ]

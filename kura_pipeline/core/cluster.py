@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 from sklearn.cluster import KMeans, MiniBatchKMeans
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import silhouette_score
 
 # Above this many points, mini-batch k-means keeps time and memory near linear.
@@ -64,8 +66,11 @@ def kmeans_labels(
         )
     else:
         model = KMeans(n_clusters=k, init=start, n_init=n_init, random_state=seed)
-    # Mini-batch k-means may leave a few clusters empty: relabelling drops them.
-    return relabel_by_size(model.fit_predict(embeddings, sample_weight=sample_weight))
+    # Mini-batch k-means may leave a few clusters empty: relabelling drops them. Fewer distinct
+    # points than k (identical conversations) is fine too, not a warning in the run's output.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return relabel_by_size(model.fit_predict(embeddings, sample_weight=sample_weight))
 
 
 def relabel_by_size(labels: np.ndarray) -> np.ndarray:

@@ -147,8 +147,9 @@ def require(record: Mapping[str, Any], key: str, kind: type | tuple[type, ...], 
     if not isinstance(record, Mapping):
         raise RecordError(f"{prefix}expected an object, got {_type_name(record)}")
     value = record.get(key)
-    if value is None:
-        raise RecordError(f"{prefix}missing field '{key}'")
+    if value is None:  # absent and null are different mistakes: say which
+        problem = f"field '{key}' is null" if key in record else f"missing field '{key}'"
+        raise RecordError(prefix + problem)
     kinds = kind if isinstance(kind, tuple) else (kind,)
     # bool is an int subclass, but True is never a valid id or count here.
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
