@@ -177,3 +177,15 @@ def test_a_shared_russian_sentence_makes_cyrillic_phrases_and_a_name_not_other_r
     assert not label.name.lower().startswith("other requests"), label
     assert cyrillic.search(label.name.lower()) and "No phrase is shared" not in label.description, label
     assert words("Сервер NGINX, café и Ελλάδα; c++ 2nd") == ["сервер", "nginx", "café", "и", "ελλάδα", "c++"]
+
+
+def test_a_conversation_with_no_user_message_is_a_failed_row_not_a_request():
+    from kura_pipeline.core.summarise import NO_USER_MESSAGE
+
+    asked = _conversation(("user", "How do I reverse a list in Python?"), ("assistant", "x[::-1]"))
+    unasked = Conversation(
+        chat_id="c2", messages=[Message(role="assistant", content="Hello! How can I help you today?")]
+    )
+    run = summarise_all_offline([asked, unasked], min_conversations=1)
+    assert [s.chat_id for s in run.summaries] == ["c1"]
+    assert run.failures == {"c2": NO_USER_MESSAGE}

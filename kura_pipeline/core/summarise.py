@@ -262,6 +262,9 @@ def abstract_summary(task: str, phrases: list[str], languages: list[str], user_t
     return " · ".join(parts)
 
 
+NO_USER_MESSAGE = "no user message: nothing was asked, so nothing to summarise offline"
+
+
 def summarise_all_offline(
     conversations: Iterable[Conversation],
     min_conversations: int = 5,
@@ -282,6 +285,11 @@ def summarise_all_offline(
     users = [_user_of(r.metadata, user_field) for r in requests]
     table = phrase_table([r.user_text for r in requests], min_conversations, users if min_users > 1 else None)
     for row, read in enumerate(requests):
+        if not read.user_text.strip():
+            # Nothing was asked (only assistant or system turns): summarised as "A request" and
+            # clustered with real requests, it would be counted as usage. A failed row says why.
+            run.failures[read.chat_id] = NO_USER_MESSAGE
+            continue
         phrases = document_phrases(table, row, text=read.user_text, request=read.request)
         summary = abstract_summary(read.task, phrases, read.languages, read.user_turns)
         # Phrases are short, but three of them could sit side by side in the user's text: a
