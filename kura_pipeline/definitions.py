@@ -22,6 +22,7 @@ import warnings
 from dagster import AssetSelection, Definitions, EnvVar, define_asset_job
 
 from kura_pipeline.assets import ALL_ASSETS
+from kura_pipeline.console_logger import brief_console_logger
 from kura_pipeline.core.llm import allowed_range, check_base_url, check_setting
 from kura_pipeline.core.registry import RegistryError, read_registry_entries
 from kura_pipeline.instance import open_instance
@@ -163,6 +164,7 @@ defs = Definitions(
     sensors=[dataset_registry_sensor, inbox_sensor],
     schedules=[recluster_schedule],
     resources=build_resources(),
+    loggers={"console": brief_console_logger},
 )
 
 
