@@ -19,6 +19,7 @@ from kura_pipeline.core.llm import LLMClient, LLMSettings, run_llm
 from kura_pipeline.core.models import Cluster
 from kura_pipeline.core.naming import (
     ClusterLabel,
+    about_one_request,
     copied_descriptions,
     generic_name,
     label_problems,
@@ -142,6 +143,39 @@ def test_a_name_equal_to_a_siblings_or_a_childs_is_a_problem_case_and_punctuatio
     pasted = ClusterLabel("Give feedback on writing", child.description + " And poems too.")
     assert label_problems({0: pasted}, children={0: [child]})[0].description is not None
     assert copied_descriptions(pasted.description, [child.description])
+
+
+
+# What the local 0.5B was shown for a cluster of 18 (2026-12-06), abridged: varied requests.
+VARIED = [
+    "The user's overall request is to learn about the negatives of farming meat for the climate.",
+    "The user's overall request is to design a platform for online community leaders to hire.",
+    "The user's overall request is to plan a weekly budget for a family of four.",
+    "The user's overall request is to compare two phone contracts for a student.",
+    "The user's overall request is to write a cover letter for a nursing job.",
+]
+
+
+def test_a_label_lifted_from_one_request_is_a_problem_and_an_abstract_one_is_not():
+    assert about_one_request("Learn about the negatives of farming meat", VARIED)
+    assert about_one_request("Design a platform for Online Community Leaders to connect talent", VARIED)
+    assert not about_one_request("Everyday planning and writing help", VARIED)  # no request says it
+    assert not about_one_request("Budget and phone contract", VARIED)  # words of two requests
+    assert not about_one_request("Farming meat", VARIED[:3])  # too few requests to tell
+    python = [
+        "The user's overall request is to debug python code that raises a KeyError.",
+        "The user's overall request is to fix a python list comprehension.",
+        "The user's overall request is to speed up a slow python loop.",
+        "The user's overall request is to read a csv file in python.",
+    ]
+    assert not about_one_request("Debug Python code", python)  # one request says it all, most say python
+    platform = "Design a platform for online community leaders."
+    lifted = {0: ClusterLabel("Learn about the negatives of farming meat", platform)}
+    problem = label_problems(lifted, requests={0: VARIED})[0]
+    assert problem.name == "names one request of the 5; say what most of them ask for"
+    abstract = {0: ClusterLabel("Everyday plans and letters", platform)}
+    described = label_problems(abstract, requests={0: VARIED})[0]
+    assert described.name is None and described.description.startswith("describes one request of the 5")
 
 
 # ----- base names -----

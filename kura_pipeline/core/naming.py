@@ -10,7 +10,14 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from kura_pipeline.core.llm import LLMClient, LLMFailure
-from kura_pipeline.core.phrases import PhraseTable, SharedPhrase, group_phrases, phrase_table
+from kura_pipeline.core.phrases import (
+    STOP_WORDS,
+    PhraseTable,
+    SharedPhrase,
+    group_phrases,
+    phrase_table,
+    words,
+)
 from kura_pipeline.core.privacy import scrub_pii
 from kura_pipeline.core.prompts import (
     CLUSTER_NAME_PROMPT,
@@ -240,6 +247,33 @@ def copied_descriptions(description: str, children: Iterable[str]) -> bool:
     return any(sentence in text for child in children for sentence in _sentences(child))
 
 
+# A label is "about one request" when one of the requests it was shown holds most of its words
+# and no other holds more than one of them: the local 0.5B named a cluster of 18 "Learn about the
+# negatives of farming meat" and described it "Design a platform for Online Community Leaders
+# ...", lifted from the first two of the summaries it was shown. An abstract name ("Creative
+# writing") that no request spells out is fine: only a label lifted from one request is asked
+# again.
+MIN_REQUESTS_FOR_ONE_REQUEST_CHECK = 4
+
+
+def _content_words(text: str) -> set[str]:
+    return {word for word in words(text) if len(word) >= 3 and word not in STOP_WORDS}
+
+
+def about_one_request(text: str, requests: Sequence[str]) -> bool:
+    """Whether `text` (a name or description) is lifted from one of `requests`: one holds at
+    least 60 % of its content words (two at least), and hardly any other request (one, or a
+    tenth of them) holds a fifth of them. "Debug Python code" over a cluster of Python
+    questions is not: most of them say "python"; a description that shares "design" with a
+    second request still is."""
+    mine = _content_words(text)
+    if len(mine) < 2 or len(requests) < MIN_REQUESTS_FOR_ONE_REQUEST_CHECK:
+        return False
+    overlaps = sorted((len(mine & _content_words(request)) for request in requests), reverse=True)
+    others_sharing = sum(1 for n in overlaps[1:] if n and n >= 0.2 * len(mine))
+    return overlaps[0] >= max(2, 0.6 * len(mine)) and others_sharing <= max(1, 0.1 * (len(requests) - 1))
+
+
 @dataclass(frozen=True)
 class LabelProblem:
     """Why a model's label cannot be used as it is: its name, or only its description."""
@@ -259,12 +293,16 @@ def label_problems(
     fixed: Iterable[str] = (),
     children: Mapping[int, Sequence[ClusterLabel]] | None = None,
     order: Sequence[int] | None = None,
+    requests: Mapping[int, Sequence[str]] | None = None,
 ) -> dict[int, LabelProblem]:
     """The labels that cannot be used, and why: a generic name, a name equal (case and
     punctuation aside) to one in `fixed` (names that stay: kept or promoted siblings), to an
     earlier label's in `order` (the first keeps it) or to one of its own `children`'s; a
-    description in the prompt's framing or copied from a child's. Pure: tests call it directly."""
+    description in the prompt's framing or copied from a child's; a name or description lifted
+    from one of the `requests` the model was shown (`about_one_request`). Pure: tests call it
+    directly."""
     children = children or {}
+    requests = requests or {}
     taken = {name_key(name) for name in fixed}
     problems: dict[int, LabelProblem] = {}
     for i in order if order is not None else sorted(labels):
@@ -276,12 +314,19 @@ def label_problems(
             name_problem = "is the name of one of the clusters it holds; it must be broader than each"
         if name_problem is None and key in taken:
             name_problem = "is already the name of another cluster; say what sets these requests apart"
+        shown = requests.get(i, ())
+        if name_problem is None and about_one_request(label.name, shown):
+            name_problem = f"names one request of the {len(shown)}; say what most of them ask for"
         description_problem = None
         if found := FRAMING_DESCRIPTION.search(label.description):
             description_problem = f"uses {found.group(0)!r}, words of the instructions, not of the requests"
         elif copied_descriptions(label.description, (kid.description for kid in kids)):
             description_problem = (
                 "copies the descriptions of the clusters it holds; write it in your own words"
+            )
+        elif about_one_request(label.description, shown):
+            description_problem = (
+                f"describes one request of the {len(shown)}; describe what most of them ask for"
             )
         if name_problem is None:
             taken.add(key)
@@ -314,6 +359,7 @@ async def reviewed_labels(
     label: str,
     fixed: Iterable[str] = (),
     children: Mapping[int, Sequence[ClusterLabel]] | None = None,
+    requests: Mapping[int, Sequence[str]] | None = None,
 ) -> dict[int, Reviewed]:
     """Ask the model for each index's label (`ask(i, None)`), then ask once more, with the reason
     appended (`ask(i, note)`: a distinct message, so a distinct cache key), for each label
@@ -323,7 +369,8 @@ async def reviewed_labels(
     first = await client.gather([ask(i, None) for i in indices], label=label)
     replies = dict(zip(indices, first, strict=True))
     labels = {i: _as_label(r) for i, r in replies.items() if isinstance(r, ClusterNameResponse)}
-    problems = label_problems(labels, fixed, children, order=[i for i in indices if i in labels])
+    order = [i for i in indices if i in labels]
+    problems = label_problems(labels, fixed, children, order=order, requests=requests)
     again = list(problems)
     # Not `client.gather`: its check would fail the stage for one failed retry; `run_llm` checks
     # the stage's share of failed calls over all of them.
@@ -356,7 +403,7 @@ async def reviewed_labels(
             )
     # The labels that passed first keep their names; the answers asked again come after them.
     settled = {i: labels[i] for i in indices if i in labels and i not in problems}
-    still = label_problems(settled | retried, fixed, children, order=[*settled, *retried])
+    still = label_problems(settled | retried, fixed, children, order=[*settled, *retried], requests=requests)
     for i, new in retried.items():
         problem = still.get(i)
         if problem is None:
@@ -426,5 +473,7 @@ async def llm_labels(
         return await client.complete(CLUSTER_NAME_PROMPT, messages, ClusterNameResponse)
 
     indices = list(range(len(inside_per_group)))
-    reviewed = await reviewed_labels(client, ask, indices, label="cluster names")
+    reviewed = await reviewed_labels(
+        client, ask, indices, label="cluster names", requests=dict(enumerate(inside_per_group))
+    )
     return resolve_labels([reviewed[i] for i in indices], name_offline)
