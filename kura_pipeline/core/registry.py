@@ -126,8 +126,10 @@ def _check_options(spec: DatasetSpec, path: Path) -> None:
                 f"{path}: dataset {spec.name!r}: unknown option {', '.join(map(repr, unknown))} for "
                 f"loader {spec.loader!r}; its options: {', '.join(allowed)}"
             )
-    # A required option left out (`path`) is said here, not as a failed stage at run time.
-    missing = [p.name for p in named if p.default is p.empty and p.name not in spec.options]
+    # A required option left out (`path`) is said here, not as a failed stage at run time; an
+    # inbox dataset's files come from its inbox, one batch file at a time.
+    supplied = {*spec.options, *(("path",) if spec.inbox is not None else ())}
+    missing = [p.name for p in named if p.default is p.empty and p.name not in supplied]
     if missing:
         raise RegistryError(
             f"{path}: dataset {spec.name!r}: loader {spec.loader!r} needs the option "
