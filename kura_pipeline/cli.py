@@ -219,14 +219,19 @@ def list_datasets() -> None:
         click.echo(f"{name}: {', '.join(parts)}")
 
 
-def _last_run(instance: DagsterInstance, dataset: str) -> str | None:
-    """ "last run <status> <when>" for the dataset's latest run of any job, or None."""
+def _latest_run(instance: DagsterInstance, dataset: str) -> Any:
+    """The record of the dataset's latest run of any job, or None."""
     from dagster import RunsFilter
 
     runs = instance.get_run_records(filters=RunsFilter(tags={"dagster/partition": dataset}), limit=1)
-    if not runs:
+    return runs[0] if runs else None
+
+
+def _last_run(instance: DagsterInstance, dataset: str) -> str | None:
+    """ "last run <status> <when>" for the dataset's latest run of any job, or None."""
+    record = _latest_run(instance, dataset)
+    if record is None:
         return None
-    record = runs[0]
     when = record.end_time or record.start_time
     stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(when)) if when else "not started"
     return f"last run {record.dagster_run.status.value.lower()} {stamp}"
@@ -339,14 +344,15 @@ def _warn_if_last_run_failed(dataset: str) -> None:
     a later run failed (or was interrupted), say so, once, on stderr."""
     if not os.getenv("DAGSTER_HOME") and not Path(DEFAULT_DAGSTER_HOME).is_dir():
         return  # no instance yet: no run to speak of
-    from dagster import DagsterRunStatus, RunsFilter
+    from dagster import DagsterRunStatus
 
     with cli_instance() as instance:
-        runs = instance.get_run_records(filters=RunsFilter(tags={"dagster/partition": dataset}), limit=1)
-    if runs and runs[0].dagster_run.status in (DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED):
+        record = _latest_run(instance, dataset)
+    status = record.dagster_run.status if record is not None else None
+    if status in (DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED):
         click.echo(
-            f"note: the last run of {dataset!r} did not finish "
-            f"({runs[0].dagster_run.status.value.lower()}); this is what the run before it left",
+            f"note: the last run of {dataset!r} did not finish ({status.value.lower()}); "
+            "this is what the run before it left",
             err=True,
         )
 
