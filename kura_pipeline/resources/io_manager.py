@@ -48,8 +48,9 @@ class PolarsParquetUPathIOManager(UPathIOManager):
                 f"got {type(obj).__name__}"
             )
         data = parquet_bytes(obj)
-        context.add_output_metadata({CONTENT_HASH_KEY: hashlib.sha256(data).hexdigest()})
-        write_if_changed(path, data)  # same content: the file (and its timestamp) is left alone
+        digest = hashlib.sha256(data).hexdigest()
+        context.add_output_metadata({CONTENT_HASH_KEY: digest})
+        write_if_changed(path, data, digest)  # same content: the file (and its timestamp) is left alone
 
     def load_from_path(self, context: InputContext, path: UPath) -> pl.DataFrame:
         # An input may ask for some columns only (`AssetIn(metadata={"columns": [...]})`):

@@ -69,11 +69,11 @@ def partial_name(path: UPath) -> UPath:
     return path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex}.partial")
 
 
-def write_if_changed(path: UPath, data: bytes) -> bool:
+def write_if_changed(path: UPath, data: bytes, digest: str | None = None) -> bool:
     """`data` at `path` (atomically) unless the file already holds exactly it: a run with nothing
-    new rewrites no file, and a file's timestamp says when its content last changed. Returns
-    whether it wrote."""
-    digest = hashlib.sha256(data).hexdigest()
+    new rewrites no file, and a file's timestamp says when its content last changed. `digest`:
+    data's sha256 when the caller has it already. Returns whether it wrote."""
+    digest = digest or hashlib.sha256(data).hexdigest()
     if path.exists():
         with path.open("rb") as file:
             if hashlib.sha256(file.read()).hexdigest() == digest:
