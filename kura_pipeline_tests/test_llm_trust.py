@@ -6,11 +6,7 @@ requests in flight are paid once. Against the real loopback server on 127.0.0.1,
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -273,15 +269,7 @@ def test_the_config_classes_and_the_engine_check_their_numbers_too(tmp_path):
 
 @pytest.mark.parametrize("value", ["0", "abc"])
 def test_kura_pipeline_run_with_a_bad_number_prints_one_line_and_exits_2(tmp_path, value):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KURA_", "DAGSTER_"))}
-    result = subprocess.run(
-        [str(Path(sys.executable).parent / "kura-pipeline"), "run", "demo"],
-        env=env | {"KURA_LLM_MAX_CONCURRENCY": value, "DAGSTER_HOME": str(tmp_path)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
+    result = kura_pipeline(tmp_path, "run", "demo", KURA_LLM_MAX_CONCURRENCY=value)
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines() == [
         f"kura-pipeline: KURA_LLM_MAX_CONCURRENCY={value if value == '0' else repr(value)} "
@@ -347,15 +335,7 @@ def test_a_named_clients_base_url_and_an_endless_timeout_are_checked_too(monkeyp
 
 
 def test_kura_pipeline_run_with_a_bad_base_url_prints_one_line_and_exits_2(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KURA_", "DAGSTER_"))}
-    result = subprocess.run(
-        [str(Path(sys.executable).parent / "kura-pipeline"), "run", "demo"],
-        env=env | {"KURA_LLM_BASE_URL": "not a url", "DAGSTER_HOME": str(tmp_path)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
+    result = kura_pipeline(tmp_path, "run", "demo", KURA_LLM_BASE_URL="not a url")
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines() == [
         "kura-pipeline: KURA_LLM_BASE_URL='not a url' is not an http(s) URL (like http://127.0.0.1:8080/v1)"
